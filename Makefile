@@ -1,0 +1,42 @@
+# The two commands of the README: `make run` and `make test`. Both set up .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: run test lint typecheck install lock services bench
+
+$(INSTALLED): requirements/dev.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/dev.lock
+	@touch $@
+
+install: $(INSTALLED)
+
+run: install
+	$(BIN)/python scripts/run_stack.py
+
+test: install services lint typecheck
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+# Starts the local PostgreSQL and Redis when they are down and installed.
+services:
+	@scripts/ensure_services.sh
+
+# Re-pins every deployable's transitive dependencies after a change to pyproject.toml.
+lock: install
+	$(BIN)/pip-compile --quiet --extra edge -o requirements/edge.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --extra app -o requirements/app.lock pyproject.toml
+	$(BIN)/pip-compile --quiet --extra edge --extra app --extra dev -o requirements/dev.lock pyproject.toml
+
+# Not part of `make test`: load tests take minutes and need wrk (and nginx to compare).
+bench: install
+	@scripts/install_bench_tools.sh
+	$(BIN)/python bench/proxy_bench.py

@@ -1,0 +1,22 @@
+"""`python -m edge`: validate the configuration, then serve."""
+
+from __future__ import annotations
+
+import sys
+
+from edge.server import serve
+from edge.settings import ConfigurationError, load_settings
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except ConfigurationError as error:
+        print(f"edge: {error}", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

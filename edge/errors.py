@@ -1,0 +1,69 @@
+"""The project's one error envelope, for every response the edge makes itself.
+
+`{"error": {"code": "...", "message": "...", "request_id": "..."}}` - the same shape the
+internal app uses, so a client handles one format whoever answered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from starlette.types import Scope, Send
+
+from edge.proxy.headers import Headers
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeError:
+    status: int
+    code: str
+    message: str
+
+
+BAD_REQUEST = EdgeError(400, "bad_request", "The request is malformed.")
+NOT_FOUND = EdgeError(404, "not_found", "There is nothing at this path.")
+METHOD_NOT_ALLOWED = EdgeError(405, "method_not_allowed", "This method is not allowed here.")
+INTERNAL_ERROR = EdgeError(500, "internal_error", "The edge failed to handle the request.")
+UPSTREAM_UNAVAILABLE = EdgeError(
+    502, "upstream_unavailable", "The service could not be reached. Try again shortly."
+)
+UPSTREAM_BUSY = EdgeError(503, "upstream_busy", "The service is at capacity. Try again shortly.")
+UPSTREAM_TIMEOUT = EdgeError(504, "upstream_timeout", "The service took too long to respond.")
+
+
+def request_id_of(scope: Scope) -> str | None:
+    """The request id as it is forwarded upstream, if a layer has set one."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            return str(value.decode("latin-1"))
+    return None
+
+
+def error_body(error: EdgeError, request_id: str | None) -> bytes:
+    envelope = {"error": {"code": error.code, "message": error.message, "request_id": request_id}}
+    return json.dumps(envelope, separators=(",", ":")).encode()
+
+
+def error_headers(body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> Headers:
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode("ascii")),
+        (b"cache-control", b"no-store"),
+        *extra,
+    ]
+
+
+async def send_error(
+    scope: Scope, send: Send, error: EdgeError, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    body = error_body(error, request_id_of(scope))
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.status,
+            "headers": error_headers(body, extra_headers),
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,63 @@
+"""Runs the edge on uvicorn: one process or several workers, with a graceful drain."""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from edge import errors
+from edge.app import build_app
+from edge.logs import log_config
+from edge.settings import EdgeSettings
+
+
+class EdgeHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, answering unparseable requests in the error envelope.
+
+    Requests the parser refuses - both `Content-Length` and `Transfer-Encoding`, broken
+    chunking, bad header syntax - never reach the application, let alone the upstream.
+    """
+
+    def send_400_response(self, msg: str) -> None:
+        body = errors.error_body(errors.BAD_REQUEST, None)
+        content = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in [*self.server_state.default_headers, *errors.error_headers(body)]:
+            content += (name, b": ", value, b"\r\n")
+        content += (b"connection: close\r\n\r\n", body)
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+
+def serve(settings: EdgeSettings) -> None:
+    config = dict(
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http=EdgeHttpProtocol,
+        ws="websockets-sansio",
+        ws_max_size=settings.ws_max_message_bytes,
+        lifespan="on",
+        # The edge resolves clients itself, through EDGE_TRUSTED_PROXIES only.
+        proxy_headers=False,
+        server_header=False,
+        date_header=True,
+        access_log=False,
+        log_config=log_config(settings.log_level.value),
+        timeout_keep_alive=settings.client_keep_alive_timeout,
+        timeout_graceful_shutdown=settings.drain_timeout,
+    )
+    # uvicorn re-raises the signal that stopped it once it has drained; a handler of our
+    # own turns that into a normal exit (status 0) instead of death by signal.
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    signal.signal(signal.SIGINT, _exit_quietly)
+    if settings.workers == 1:
+        uvicorn.run(build_app(settings), **config)  # type: ignore[arg-type]
+    else:
+        uvicorn.run("edge.app:create_app", factory=True, workers=settings.workers, **config)  # type: ignore[arg-type]
+
+
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    return None

@@ -1,0 +1,105 @@
+"""The edge's configuration: read once from the environment, validated at start-up.
+
+Every setting is documented in docs/configuration.md (a test keeps the two in sync).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import StrEnum
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Environment(StrEnum):
+    development = "development"
+    staging = "staging"
+    production = "production"
+
+
+class LogLevel(StrEnum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def split_comma_list(value: Any) -> Any:
+    """Every list setting is comma-separated in the environment: `a,b,c`."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class EdgeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDGE_", frozen=True, extra="ignore")
+
+    environment: Environment = Field(Environment.development, validation_alias=AliasChoices("ENVIRONMENT"))
+    upstream_url: str = "http://127.0.0.1:8000"
+    host: str = "0.0.0.0"  # noqa: S104 - the edge is the public entry point
+    port: int = Field(8080, ge=1, le=65535, validation_alias=AliasChoices("EDGE_PORT", "PORT"))
+    workers: int = Field(1, ge=1, le=64)
+    upstream_connect_timeout: float = Field(5.0, gt=0)
+    upstream_read_timeout: float = Field(90.0, gt=0)
+    upstream_idle_timeout: float = Field(4.0, gt=0)
+    upstream_pool_size: int = Field(100, ge=1)
+    trusted_proxies: Annotated[list[IPNetwork], NoDecode] = []
+    client_keep_alive_timeout: float = Field(75.0, gt=0)
+    drain_timeout: float = Field(20.0, ge=0)
+    log_level: LogLevel = LogLevel.info
+    ws_max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream_is_http_origin(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must not carry credentials, a query or a fragment")
+        try:
+            parts.port  # noqa: B018 - raises on an out-of-range port
+        except ValueError as exc:
+            raise ValueError("has an invalid port") from exc
+        return value.rstrip("/")
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_trusted_proxies(cls, value: Any) -> Any:
+        return split_comma_list(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _no_catch_all_proxy(cls, value: list[IPNetwork]) -> list[IPNetwork]:
+        # Trusting every address would let any client pick its own address.
+        if any(network.prefixlen == 0 for network in value):
+            raise ValueError("must not contain a catch-all network such as 0.0.0.0/0 or ::/0")
+        return value
+
+
+class ConfigurationError(Exception):
+    """Raised at start-up with a message an operator can act on."""
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    lines = []
+    for problem in error.errors():
+        name = "EDGE_" + "_".join(str(part) for part in problem["loc"]).upper()
+        if name == "EDGE_ENVIRONMENT":
+            name = "ENVIRONMENT"
+        value = problem.get("input")
+        shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
+        lines.append(f"  {name}: {problem['msg']}{shown}")
+    return "invalid edge configuration:\n" + "\n".join(lines)
+
+
+def load_settings() -> EdgeSettings:
+    try:
+        return EdgeSettings()
+    except ValidationError as error:
+        raise ConfigurationError(describe_validation_error(error)) from None
