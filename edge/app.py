@@ -43,8 +43,8 @@ class EdgeApp:
             await self.proxy(scope, receive, send)
 
 
-def build_app(settings: EdgeSettings) -> ASGIApp:
-    proxy = Proxy(settings)
+def build_app(settings: EdgeSettings, proxy: Proxy | None = None) -> ASGIApp:
+    proxy = proxy or Proxy(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -31,32 +32,36 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def serve(settings: EdgeSettings) -> None:
-    config = dict(
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http=EdgeHttpProtocol,
-        ws="websockets-sansio",
-        ws_max_size=settings.ws_max_message_bytes,
-        lifespan="on",
+def uvicorn_options(settings: EdgeSettings) -> dict[str, Any]:
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": EdgeHttpProtocol,
+        "ws": "websockets-sansio",
+        "ws_max_size": settings.ws_max_message_bytes,
+        "lifespan": "on",
         # The edge resolves clients itself, through EDGE_TRUSTED_PROXIES only.
-        proxy_headers=False,
-        server_header=False,
-        date_header=True,
-        access_log=False,
-        log_config=log_config(settings.log_level.value),
-        timeout_keep_alive=settings.client_keep_alive_timeout,
-        timeout_graceful_shutdown=settings.drain_timeout,
-    )
+        "proxy_headers": False,
+        "server_header": False,
+        "date_header": True,
+        "access_log": False,
+        "log_config": log_config(settings.log_level.value),
+        "timeout_keep_alive": settings.client_keep_alive_timeout,
+        "timeout_graceful_shutdown": settings.drain_timeout,
+    }
+
+
+def serve(settings: EdgeSettings) -> None:
+    options = uvicorn_options(settings)
     # uvicorn re-raises the signal that stopped it once it has drained; a handler of our
     # own turns that into a normal exit (status 0) instead of death by signal.
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
     if settings.workers == 1:
-        uvicorn.run(build_app(settings), **config)  # type: ignore[arg-type]
+        uvicorn.run(build_app(settings), **options)
     else:
-        uvicorn.run("edge.app:create_app", factory=True, workers=settings.workers, **config)  # type: ignore[arg-type]
+        uvicorn.run("edge.app:create_app", factory=True, workers=settings.workers, **options)
 
 
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:

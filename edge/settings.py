@@ -37,7 +37,7 @@ def split_comma_list(value: Any) -> Any:
 
 
 class EdgeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="EDGE_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="EDGE_", frozen=True, extra="ignore", populate_by_name=True)
 
     environment: Environment = Field(Environment.development, validation_alias=AliasChoices("ENVIRONMENT"))
     upstream_url: str = "http://127.0.0.1:8000"

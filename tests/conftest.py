@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import RawUpstream, RunningEdge, ServerThread, UpstreamApp, start_edge, start_upstream
+
+# The developer's own environment must not change what the tests see.
+for _name in list(os.environ):
+    if _name.startswith(("EDGE_", "APP_", "OTEL_")) or _name in ("PORT", "ENVIRONMENT"):
+        del os.environ[_name]
+
+
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[tuple[ServerThread, UpstreamApp]]:
+    server, app = start_upstream()
+    yield server, app
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def upstream(upstream_server: tuple[ServerThread, UpstreamApp]) -> UpstreamApp:
+    return upstream_server[1]
+
+
+@pytest.fixture(scope="session")
+def edge(upstream_server: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
+    running = start_edge(upstream_server[0].url)
+    yield running
+    running.server.stop()
+
+
+@pytest.fixture(scope="session")
+def raw_upstream() -> Iterator[RawUpstream]:
+    server = RawUpstream().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def raw_edge(raw_upstream: RawUpstream) -> Iterator[RunningEdge]:
+    running = start_edge(raw_upstream.url, upstream_read_timeout=2.0)
+    yield running
+    running.server.stop()
