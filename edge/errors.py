@@ -30,6 +30,7 @@ UPSTREAM_UNAVAILABLE = EdgeError(
     502, "upstream_unavailable", "The service could not be reached. Try again shortly."
 )
 UPSTREAM_BUSY = EdgeError(503, "upstream_busy", "The service is at capacity. Try again shortly.")
+SHUTTING_DOWN = EdgeError(503, "shutting_down", "The service is restarting. Try again shortly.")
 UPSTREAM_TIMEOUT = EdgeError(504, "upstream_timeout", "The service took too long to respond.")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import traceback
@@ -31,10 +32,15 @@ class JsonFormatter(logging.Formatter):
 
 
 class DropAbortedResponses(logging.Filter):
-    """The server logs a deliberately cut response as a crash; the proxy already said why."""
+    """The server logs deliberately cut requests as crashes, with a traceback each.
+
+    A response cut short was already logged by the proxy with its reason; requests cut
+    when the drain timeout ends were counted by the server's own shutdown message.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], ResponseAborted))
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, ResponseAborted | asyncio.CancelledError)
 
 
 def log_config(level: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ Every setting is documented in docs/configuration.md (a test keeps the two in sy
 from __future__ import annotations
 
 import ipaddress
+import os
 from enum import StrEnum
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -70,8 +71,17 @@ class EdgeSettings(BaseSettings):
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
-    def _split_trusted_proxies(cls, value: Any) -> Any:
-        return split_comma_list(value)
+    def _parse_trusted_proxies(cls, value: Any) -> Any:
+        networks = []
+        for item in split_comma_list(value):
+            if not isinstance(item, str):
+                networks.append(item)
+                continue
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP network such as 10.0.0.0/8 or fd00::/8") from None
+        return networks
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -86,20 +96,32 @@ class ConfigurationError(Exception):
     """Raised at start-up with a message an operator can act on."""
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    lines = []
+def environment_variable(settings_class: type[BaseSettings], location: str) -> str:
+    """The variable an operator set for a field, as named in docs/configuration.md."""
+    prefix = settings_class.model_config.get("env_prefix", "")
+    for name, field in settings_class.model_fields.items():
+        choices = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else []
+        if location == name or location in choices:
+            if not choices:
+                return f"{prefix}{name}".upper()
+            names = [str(choice) for choice in choices]
+            return next((choice for choice in names if choice in os.environ), names[0])
+    return location.upper()
+
+
+def describe_validation_error(settings_class: type[BaseSettings], error: ValidationError) -> str:
+    lines: dict[str, str] = {}
     for problem in error.errors():
-        name = "EDGE_" + "_".join(str(part) for part in problem["loc"]).upper()
-        if name == "EDGE_ENVIRONMENT":
-            name = "ENVIRONMENT"
+        variable = environment_variable(settings_class, str(problem["loc"][0]))
         value = problem.get("input")
         shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
-        lines.append(f"  {name}: {problem['msg']}{shown}")
-    return "invalid edge configuration:\n" + "\n".join(lines)
+        message = problem["msg"].removeprefix("Value error, ")
+        lines.setdefault(variable, f"  {variable}: {message}{shown}")
+    return "invalid configuration:\n" + "\n".join(lines.values())
 
 
 def load_settings() -> EdgeSettings:
     try:
         return EdgeSettings()
     except ValidationError as error:
-        raise ConfigurationError(describe_validation_error(error)) from None
+        raise ConfigurationError(describe_validation_error(EdgeSettings, error)) from None

@@ -1,14 +1,15 @@
 """The proxy core: forwards an HTTP exchange to the upstream unchanged, streaming.
 
-Follow one request: `__call__` -> `_request_head` (request line and headers, framing
-checked) -> `_exchange` (a pooled connection; the body pumped as it arrives; the response
-head; a stale keep-alive connection retried once when that is safe) -> `_relay_response`
-(the body passed on chunk by chunk). Every failure before the response starts becomes an
-edge-made error in the project's envelope; after it starts, the client's connection is
-cut so a truncated body is never mistaken for a complete one.
+Follow one request: `__call__` -> `_open_exchange` (the request head built and its framing
+checked by `_request_head`; a pooled connection; the body pumped as it arrives; the
+response head awaited; a stale keep-alive connection retried once when that is safe) ->
+`Exchange.relay` (the response passed on chunk by chunk) -> `Exchange.close`.
 
-Whatever way the exchange ends - client gone, upstream gone, timeout, cancellation - the
-upstream connection is either returned clean to the pool or closed, never leaked.
+Every failure before the response starts becomes an edge-made error in the project's
+envelope; after it starts, the client's connection is cut so a truncated body is never
+mistaken for a complete one. Whatever way the exchange ends - client gone, upstream gone,
+timeout, cancellation - the upstream connection is either returned clean to the pool or
+closed, never leaked.
 """
 
 from __future__ import annotations
@@ -67,22 +68,34 @@ class HttpForwarder:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            head, framing = self._request_head(scope)
-            await self._exchange(scope, receive, send, head, framing)
-        except (ClientDisconnected, ResponseAborted):
-            raise
+            exchange = await self._open_exchange(scope, receive)
+        except ClientDisconnected:
+            return  # nobody is left to answer
         except BadRequest:
             await errors.send_error(scope, send, errors.BAD_REQUEST)
+            return
         except PoolExhausted:
             await errors.send_error(scope, send, errors.UPSTREAM_BUSY, [(b"retry-after", b"1")])
+            return
         except UpstreamTimeout:
             await errors.send_error(scope, send, errors.UPSTREAM_TIMEOUT)
+            return
         except UpstreamUnavailable:
             await errors.send_error(scope, send, errors.UPSTREAM_UNAVAILABLE)
+            return
+        except asyncio.CancelledError:
+            # Only the server cancels a request: it is still waiting when the drain ends.
+            await errors.send_error(scope, send, errors.SHUTTING_DOWN, [(b"retry-after", b"1")])
+            raise
         except Exception:
             # A defect of ours: logged in full, answered in the envelope, never leaked.
             logger.exception("proxy failure before the response started")
             await errors.send_error(scope, send, errors.INTERNAL_ERROR)
+            return
+        try:
+            await exchange.relay(send)
+        finally:
+            exchange.close()
 
     def _request_head(self, scope: Scope) -> tuple[bytes, Framing]:
         """The request line and headers for the upstream, and how the body is framed."""
@@ -124,9 +137,9 @@ class HttpForwarder:
         parts.append(b"\r\n")
         return b"".join(parts), framing
 
-    async def _exchange(
-        self, scope: Scope, receive: Receive, send: Send, head: bytes, framing: Framing
-    ) -> None:
+    async def _open_exchange(self, scope: Scope, receive: Receive) -> Exchange:
+        """Sends the request and waits for the response head."""
+        head, framing = self._request_head(scope)
         head_request = scope["method"] == "HEAD"
         # Only a request without a body can be sent again: a streamed body is gone.
         retryable = framing is None and scope["method"] in IDEMPOTENT_METHODS
@@ -139,29 +152,66 @@ class HttpForwarder:
                 if framing is not None:
                     await _pump_body(receive, connection, chunked=framing == "chunked")
                 client_watch = ClientWatch(receive, connection)
-                try:
-                    status, headers = await connection.read_head()
-                except StaleConnection:
-                    if not retryable:
-                        raise
-                    retryable = False
-                    continue
-                except UpstreamError:
-                    if client_watch.client_gone:
-                        raise ClientDisconnected from None  # the watch closed the connection
+                status, headers = await connection.read_head()
+                return Exchange(self.pool, connection, client_watch, status, headers)
+            except StaleConnection:
+                self._end(connection, client_watch)
+                if not retryable:
                     raise
-                try:
-                    await _relay_response(send, connection, status, headers)
-                except Exception as exc:
-                    if client_watch.client_gone:
-                        raise ClientDisconnected from None
-                    logger.warning("response cut short: %s", exc or type(exc).__name__)
-                    raise ResponseAborted from None
+                retryable = False
+            except UpstreamError:
+                self._end(connection, client_watch)
+                if client_watch is not None and client_watch.client_gone:
+                    raise ClientDisconnected from None  # the watch closed the connection
+                raise
+            except BaseException:
+                self._end(connection, client_watch)
+                raise
+
+    def _end(self, connection: UpstreamConnection, client_watch: ClientWatch | None) -> None:
+        if client_watch is not None:
+            client_watch.stop()
+        self.pool.release(connection)
+
+
+class Exchange:
+    """An exchange whose response head has arrived: relays the response, then ends."""
+
+    __slots__ = ("client_watch", "connection", "headers", "pool", "status")
+
+    def __init__(
+        self,
+        pool: UpstreamPool,
+        connection: UpstreamConnection,
+        client_watch: ClientWatch,
+        status: int,
+        headers: Headers,
+    ) -> None:
+        self.pool = pool
+        self.connection = connection
+        self.client_watch = client_watch
+        self.status = status
+        self.headers = headers
+
+    async def relay(self, send: Send) -> None:
+        try:
+            dropped = removable_fields(self.headers, RESPONSE_HOP_BY_HOP)
+            headers = [(name, value) for name, value in self.headers if name not in dropped]
+            await send({"type": "http.response.start", "status": self.status, "headers": headers})
+            more = True
+            while more:
+                body, more = await self.connection.read_body()
+                await send({"type": "http.response.body", "body": body, "more_body": more})
+        except Exception as exc:
+            if self.client_watch.client_gone:
                 return
-            finally:
-                if client_watch is not None:
-                    client_watch.stop()
-                self.pool.release(connection)
+            logger.warning("response cut short: %s", exc or type(exc).__name__)
+            raise ResponseAborted from None
+
+    def close(self) -> None:
+        """Returns the connection to the pool if the exchange ended cleanly, else closes it."""
+        self.client_watch.stop()
+        self.pool.release(self.connection)
 
 
 async def _pump_body(receive: Receive, connection: UpstreamConnection, *, chunked: bool) -> None:
@@ -182,16 +232,6 @@ async def _pump_body(receive: Receive, connection: UpstreamConnection, *, chunke
             # A closed connection may have answered early (413, 401): read that answer.
             return
         await connection.drain()
-
-
-async def _relay_response(send: Send, connection: UpstreamConnection, status: int, upstream: Headers) -> None:
-    dropped = removable_fields(upstream, RESPONSE_HOP_BY_HOP)
-    headers = [(name, value) for name, value in upstream if name not in dropped]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    more = True
-    while more:
-        body, more = await connection.read_body()
-        await send({"type": "http.response.body", "body": body, "more_body": more})
 
 
 class ClientWatch:

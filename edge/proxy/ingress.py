@@ -91,10 +91,8 @@ class TrustedProxies:
         return parsed is not None and any(parsed in network for network in self.networks)
 
     def client_chain(self, peer: str, forwarded_for: list[bytes]) -> tuple[str, ...]:
-        """Walk `X-Forwarded-For` from the right while the hops are trusted proxies."""
+        """Walk `X-Forwarded-For` from the trusted peer leftwards while hops are trusted."""
         chain = [peer]
-        if not self.is_trusted(peer):
-            return (peer,)
         hops = [hop for value in forwarded_for for hop in value.decode("latin-1").split(",")]
         for hop in reversed(hops):
             address = parse_hop(hop)
@@ -141,7 +139,7 @@ class IngressMiddleware:
         if self.trusted and self.trusted.is_trusted(peer):
             chain = self.trusted.client_chain(peer, forwarded_for)
             proto = _proto(forwarded_proto) or proto
-            host = forwarded_host or host
+            host = _first(forwarded_host) or host
             if chain[0] != peer:
                 scope["client"] = (chain[0], 0)
         else:
@@ -152,8 +150,13 @@ class IngressMiddleware:
         await self.app(scope, receive, send)
 
 
-def _proto(value: bytes | None) -> str | None:
+def _first(value: bytes | None) -> bytes | None:
+    """The value set by the proxy nearest the client, when several appended theirs."""
     if value is None:
         return None
-    first = value.split(b",")[0].strip().lower()
-    return first.decode("ascii") if first in (b"http", b"https") else None
+    return value.split(b",", 1)[0].strip() or None
+
+
+def _proto(value: bytes | None) -> str | None:
+    first = _first(value)
+    return first.lower().decode("ascii") if first and first.lower() in (b"http", b"https") else None
