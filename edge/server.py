@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from edge import errors
 from edge.app import build_app
@@ -16,13 +18,32 @@ from edge.settings import EdgeSettings
 
 
 class EdgeHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, answering unparseable requests in the error envelope.
+    """uvicorn's httptools protocol, made strict about requests its parser refuses.
 
-    Requests the parser refuses - both `Content-Length` and `Transfer-Encoding`, broken
-    chunking, bad header syntax - never reach the application, let alone the upstream.
+    A request the parser refuses - both `Content-Length` and `Transfer-Encoding`, broken
+    chunking, bad header syntax - is answered in the error envelope. If its head was valid
+    and only the body is broken, uvicorn has already created the request's task; that task
+    is cancelled so the request is not forwarded (when the whole request arrived at once,
+    the task has not run yet and nothing at all reaches the upstream).
     """
 
+    _request_task: asyncio.Task[None] | None = None
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        # uvicorn keeps no per-connection handle on the task; this is its own code plus one.
+        task = self._request_task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
     def send_400_response(self, msg: str) -> None:
+        cycle = self.cycle
+        if cycle is not None and self._request_task is not None and not self._request_task.done():
+            cycle.disconnected = True
+            cycle.message_event.set()
+            self._request_task.cancel()
+            if cycle.response_started:
+                self.transport.close()  # a 400 now would corrupt the response under way
+                return
         body = errors.error_body(errors.BAD_REQUEST, None)
         content = [b"HTTP/1.1 400 Bad Request\r\n"]
         for name, value in [*self.server_state.default_headers, *errors.error_headers(body)]:

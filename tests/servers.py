@@ -312,6 +312,7 @@ def start_upstream() -> tuple[ServerThread, UpstreamApp]:
         log_level="warning",
         access_log=False,
         lifespan="on",
+        server_header=False,
         timeout_keep_alive=30,
     )
     return ServerThread(config).start(), app

@@ -13,7 +13,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 def environment_names(settings_class: type[EdgeSettings]) -> set[str]:
     prefix = settings_class.model_config.get("env_prefix", "")
-    names = set()
+    names: set[str] = set()
     for field_name, field in settings_class.model_fields.items():
         alias = field.validation_alias
         if isinstance(alias, AliasChoices):
@@ -24,7 +24,7 @@ def environment_names(settings_class: type[EdgeSettings]) -> set[str]:
 
 
 def documented_names() -> set[str]:
-    names = set()
+    names: set[str] = set()
     for line in DOC.read_text().splitlines():
         if line.startswith("| `"):
             names.add(line.split("`")[1])

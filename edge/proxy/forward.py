@@ -84,7 +84,7 @@ class HttpForwarder:
             await errors.send_error(scope, send, errors.UPSTREAM_UNAVAILABLE)
             return
         except asyncio.CancelledError:
-            # Only the server cancels a request: it is still waiting when the drain ends.
+            # Only the server cancels a request: when the drain ends, or its body was malformed.
             await errors.send_error(scope, send, errors.SHUTTING_DOWN, [(b"retry-after", b"1")])
             raise
         except Exception:

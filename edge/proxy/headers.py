@@ -25,6 +25,9 @@ HOP_BY_HOP = frozenset(
 )
 
 
+# Framing stays in the request until the forwarder, which re-frames the body upstream.
+REQUEST_HOP_BY_HOP = HOP_BY_HOP - {b"transfer-encoding"}
+
 # Like nginx, the edge's server sets its own `Date`; the upstream's would be a duplicate.
 RESPONSE_HOP_BY_HOP = HOP_BY_HOP | {b"date"}
 
@@ -46,7 +49,7 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
-def removable_fields(headers: Headers, fixed: frozenset[bytes] = HOP_BY_HOP) -> frozenset[bytes]:
+def removable_fields(headers: Headers, fixed: frozenset[bytes]) -> frozenset[bytes]:
     """The `fixed` hop-by-hop fields plus whatever `Connection` names, minus protected ones."""
     named = connection_tokens(headers)
     if not named:

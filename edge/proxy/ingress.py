@@ -22,7 +22,7 @@ from functools import lru_cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge.proxy.headers import FORWARDING, Headers, removable_fields
+from edge.proxy.headers import FORWARDING, REQUEST_HOP_BY_HOP, Headers, removable_fields
 from edge.settings import IPNetwork
 
 FORWARDED_SCOPE_KEY = "edge.forwarded"
@@ -116,7 +116,7 @@ class IngressMiddleware:
             return
 
         headers: Headers = scope["headers"]
-        removable = removable_fields(headers)
+        removable = removable_fields(headers, REQUEST_HOP_BY_HOP)
         kept: Headers = []
         forwarded_for: list[bytes] = []
         forwarded_proto = forwarded_host = host = None
