@@ -26,6 +26,16 @@ from edge.server import uvicorn_options
 from edge.settings import EdgeSettings
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.005) -> bool:
+    """Polls `predicate` until it holds or `timeout` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

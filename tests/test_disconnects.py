@@ -17,26 +17,16 @@ import socket
 import struct
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
-from tests.servers import RunningEdge, ServerThread, UpstreamApp, running_edge, start_upstream
+from tests.servers import RunningEdge, ServerThread, UpstreamApp, running_edge, start_upstream, wait_until
 
 POOL_SIZE = 8
 PROMPT = 0.5  # how soon after the client leaves the upstream must see the exchange end
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def connect(port: int, timeout: float = 5.0) -> socket.socket:

@@ -15,7 +15,7 @@ import json
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.servers import RawUpstream, RunningEdge, UpstreamApp, closed_port, running_edge
+from tests.servers import RawUpstream, RunningEdge, UpstreamApp, closed_port, running_edge, wait_until
 
 # What an edge-made response must never show: where the upstream is, what the edge is built
 # on, or how it failed inside.
@@ -37,16 +37,6 @@ SETTLE = 0.3  # time for a request the edge should not have forwarded to reach t
 
 def unique(prefix: str) -> str:
     return f"{prefix}/{uuid.uuid4().hex}"
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def seen(raw_upstream: RawUpstream, path: str) -> int:
