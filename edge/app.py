@@ -2,7 +2,7 @@
 
 The request path is pure ASGI from the socket to the upstream. Starlette serves the edge's
 own endpoints under `/_edge/` (and the lifespan), but the proxied path does not pass
-through Starlette's application stack: its error and routing wrappers cost a third of
+through Starlette's application stack: its error and routing wrappers cost about 30 % of
 the edge's throughput on small requests (docs/benchmarks.md).
 """
 

@@ -1,0 +1,844 @@
+"""The edge's benchmark: throughput, added latency and memory, against nginx and a naive proxy.
+
+Everything runs in one invocation on the same machine, so the ratios between contenders
+mean something even when the absolute numbers drift (shared, noisy 2-core hosts):
+
+1. starts the tiny upstream (bench/tiny_upstream.py), the edge (`python -m edge`, one
+   worker), nginx (bench/nginx.conf.template; skipped when not installed) and the naive
+   proxy (bench/naive_proxy.py) on free loopback ports, and always stops them again;
+2. memory: streams a 1 GiB upload and a 1 GiB download through the edge while sampling the
+   edge's RSS, and checks the byte counts;
+3. throughput: `wrk -t1 -c50 -d<N>s --latency` against upstream direct, edge, nginx and
+   naive, in interleaved (rotated) rounds; at `-c1` the median latency of direct, edge and
+   nginx; the median per target over the rounds is reported;
+4. prints the table, the ratios and the targets (PASS/FAIL); `--json PATH` also writes
+   everything, per-round numbers included, as JSON. The exit status is 0 whatever the
+   verdicts; 2 means the benchmark itself could not run.
+
+Run: `make bench` or `.venv/bin/python bench/proxy_bench.py [--rounds 3 --duration 5 ...]`.
+Results are described in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# The targets the edge is held to.
+TARGET_EDGE_OVER_NGINX = 0.12  # edge req/s >= 12 % of nginx's at c=50
+TARGET_ADDED_LATENCY_MS = 0.35  # edge median latency at c=1 minus upstream direct
+TARGET_RSS_GROWTH_MIB = 32.0  # peak RSS growth while streaming 1 GiB either way
+
+DIRECT, EDGE, NGINX, NAIVE = "upstream direct", "edge", "nginx", "naive"
+
+
+class BenchError(Exception):
+    """The benchmark itself cannot run (a tool is missing, a server does not start)."""
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def process_group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU of every live process in a process group (a service and its workers)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the command name: state ppid pgrp ... utime(index 11) stime(index 12).
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / CLOCK_TICKS
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise BenchError(f"no VmRSS for process {pid}")
+
+
+@dataclass
+class Service:
+    """A server run as a subprocess in a session of its own (Ctrl-C reaches only the bench)."""
+
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError(f"{self.name} is not running")
+        return self.proc.pid
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until `GET /` answers `200 ok` (through the upstream, for the proxies)."""
+        deadline = time.monotonic() + timeout
+        last_error = "no answer"
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc is None or self.proc.poll() is not None:
+                    code = None if self.proc is None else self.proc.returncode
+                    raise BenchError(f"{self.name} exited (status {code}):\n{self.log_tail()}")
+                try:
+                    response = client.get(self.url + "/")
+                    if response.status_code == 200 and response.content == b"ok":
+                        return
+                    last_error = f"status {response.status_code}, body {response.content[:80]!r}"
+                except httpx.HTTPError as exc:
+                    last_error = repr(exc)
+                time.sleep(0.05)
+        raise BenchError(f"{self.name} not ready after {timeout:.0f} s ({last_error}):\n{self.log_tail()}")
+
+    def cpu_seconds(self) -> float:
+        return process_group_cpu_seconds(self.pid)
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait(timeout=5)
+        # Whatever the service left in its own process group (nginx's worker, say).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.proc = None
+
+
+def find_nginx() -> str | None:
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment without any edge setting of the caller's, plus `extra`."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("EDGE_") and k not in ("ENVIRONMENT", "PORT")
+    }
+    env.update(extra)
+    return env
+
+
+def build_services(tmp: Path, nginx: str | None, big_bytes: int) -> dict[str, Service]:
+    python = sys.executable
+    upstream_port = free_port()
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    services = {
+        DIRECT: Service(
+            DIRECT,
+            [
+                python,
+                str(BENCH_DIR / "tiny_upstream.py"),
+                "--port",
+                str(upstream_port),
+                "--big-bytes",
+                str(big_bytes),
+            ],
+            upstream_port,
+            tmp / "upstream.log",
+            env=clean_env({}),
+        )
+    }
+    edge_port = free_port()
+    services[EDGE] = Service(
+        EDGE,
+        [python, "-m", "edge"],
+        edge_port,
+        tmp / "edge.log",
+        env=clean_env(
+            {
+                "EDGE_UPSTREAM_URL": upstream_url,
+                "EDGE_HOST": "127.0.0.1",
+                "EDGE_PORT": str(edge_port),
+                "EDGE_WORKERS": "1",
+                "EDGE_LOG_LEVEL": "warning",
+            }
+        ),
+    )
+    if nginx is not None:
+        nginx_port = free_port()
+        template = (BENCH_DIR / "nginx.conf.template").read_text()
+        config = (
+            template.replace("@@TMP_DIR@@", str(tmp))
+            .replace("@@LISTEN_PORT@@", str(nginx_port))
+            .replace("@@UPSTREAM_PORT@@", str(upstream_port))
+        )
+        (tmp / "nginx.conf").write_text(config)
+        services[NGINX] = Service(
+            NGINX,
+            [nginx, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(tmp / "nginx.conf")],
+            nginx_port,
+            tmp / "nginx.log",
+            env=clean_env({}),
+        )
+    naive_port = free_port()
+    services[NAIVE] = Service(
+        NAIVE,
+        [python, str(BENCH_DIR / "naive_proxy.py"), "--port", str(naive_port), "--upstream", upstream_url],
+        naive_port,
+        tmp / "naive.log",
+        env=clean_env({}),
+    )
+    return services
+
+
+# -- wrk -------------------------------------------------------------------------------------
+
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_PERCENTILE = re.compile(r"^\s*(50|75|90|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", re.MULTILINE)
+_RPS = re.compile(r"^Requests/sec:\s+([\d.]+)", re.MULTILINE)
+_REQUESTS = re.compile(r"^\s*(\d+) requests in ", re.MULTILINE)
+_SOCKET_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+@dataclass
+class WrkResult:
+    requests_per_sec: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    socket_errors: int
+    non_2xx: int
+    cpu_us_per_request: float | None = None  # CPU of the measured server's processes
+
+
+def parse_wrk(output: str) -> WrkResult:
+    rps = _RPS.search(output)
+    requests = _REQUESTS.search(output)
+    percentiles = {m[1]: float(m[2]) * _UNIT_MS[m[3]] for m in _PERCENTILE.finditer(output)}
+    if rps is None or requests is None or not {"50", "90", "99"} <= percentiles.keys():
+        raise BenchError(f"cannot read wrk's output:\n{output}")
+    errors = _SOCKET_ERRORS.search(output)
+    non_2xx = _NON_2XX.search(output)
+    return WrkResult(
+        requests_per_sec=float(rps[1]),
+        p50_ms=percentiles["50"],
+        p90_ms=percentiles["90"],
+        p99_ms=percentiles["99"],
+        requests=int(requests[1]),
+        socket_errors=sum(int(n) for n in errors.groups()) if errors else 0,
+        non_2xx=int(non_2xx[1]) if non_2xx else 0,
+    )
+
+
+def run_wrk(wrk: str, service: Service, connections: int, duration: int) -> WrkResult:
+    argv = [wrk, "-t1", f"-c{connections}", f"-d{duration}s", "--latency", service.url + "/"]
+    cpu_before = service.cpu_seconds()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
+    cpu_used = service.cpu_seconds() - cpu_before
+    if done.returncode != 0:
+        raise BenchError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    result = parse_wrk(done.stdout)
+    if result.requests:
+        result.cpu_us_per_request = cpu_used / result.requests * 1e6
+    return result
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Samples a process's VmRSS every `interval` seconds in a thread; keeps the peak."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.samples = 0
+        self._peak_kib = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def sample(self) -> int:
+        value = rss_kib(self.pid)
+        with self._lock:
+            self.samples += 1
+            self._peak_kib = max(self._peak_kib, value)
+        return value
+
+    def take_peak(self) -> int:
+        """The peak since the last call (or since the start), and start a new period."""
+        self.sample()
+        with self._lock:
+            peak, self._peak_kib = self._peak_kib, 0
+        return peak
+
+
+def idle_rss_kib(pid: int, seconds: float = 1.0) -> int:
+    samples = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        samples.append(rss_kib(pid))
+        time.sleep(0.05)
+    return int(statistics.median(samples))
+
+
+def repeated(chunk: bytes, size: int) -> Iterator[bytes]:
+    """`size` bytes as the same chunk over and over: nothing accumulates in the client."""
+    left = size
+    while left >= len(chunk):
+        yield chunk
+        left -= len(chunk)
+    if left:
+        yield chunk[:left]
+
+
+@dataclass
+class Transfer:
+    direction: str
+    expected_bytes: int
+    counted_bytes: int
+    seconds: float
+    peak_rss_mib: float
+    growth_mib: float
+
+    @property
+    def bytes_ok(self) -> bool:
+        return self.counted_bytes == self.expected_bytes
+
+
+@dataclass
+class MemoryResult:
+    baseline_rss_mib: float
+    transfers: list[Transfer] = field(default_factory=list)
+    samples: int = 0
+
+
+def measure_memory(edge: Service, size: int, log: Callable[[str], None]) -> MemoryResult:
+    """Streams `size` bytes up to `/upload` and down from `/big` through the edge."""
+    pid = edge.pid
+    timeout = httpx.Timeout(600.0, connect=10.0)
+    with httpx.Client(timeout=timeout) as client:
+        for _ in range(20):  # warm the path up: pool connection, first-request allocations
+            client.get(edge.url + "/").raise_for_status()
+    baseline = idle_rss_kib(pid)
+    result = MemoryResult(baseline_rss_mib=baseline / 1024)
+    log(f"memory: edge idle RSS {baseline / 1024:.1f} MiB; streaming {size / MIB:.0f} MiB each way")
+    chunk = b"u" * (256 * 1024)
+    with RssSampler(pid) as sampler, httpx.Client(timeout=timeout) as client:
+        sampler.take_peak()
+        started = time.perf_counter()
+        response = client.post(
+            edge.url + "/upload",
+            content=repeated(chunk, size),
+            headers={"content-type": "application/octet-stream", "content-length": str(size)},
+        )
+        seconds = time.perf_counter() - started
+        peak = sampler.take_peak()
+        counted = int(response.text) if response.status_code == 200 and response.text.isdigit() else -1
+        result.transfers.append(
+            Transfer("upload", size, counted, seconds, peak / 1024, (peak - baseline) / 1024)
+        )
+
+        sampler.take_peak()
+        started = time.perf_counter()
+        counted = 0
+        with client.stream("GET", edge.url + "/big") as download:
+            if download.status_code != 200:
+                counted = -1
+            else:
+                for part in download.iter_raw():
+                    counted += len(part)
+        seconds = time.perf_counter() - started
+        peak = sampler.take_peak()
+        result.transfers.append(
+            Transfer("download", size, counted, seconds, peak / 1024, (peak - baseline) / 1024)
+        )
+        result.samples = sampler.samples
+    for transfer in result.transfers:
+        log(
+            f"memory: {transfer.direction}: {transfer.counted_bytes} of {transfer.expected_bytes} bytes "
+            f"in {transfer.seconds:.1f} s ({transfer.expected_bytes / MIB / transfer.seconds:.0f} MiB/s), "
+            f"peak RSS {transfer.peak_rss_mib:.1f} MiB (+{transfer.growth_mib:.1f} MiB)"
+        )
+    return result
+
+
+# -- throughput and latency ------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """The median over the rounds of every figure, and the spread of req/s."""
+
+    rounds: list[WrkResult]
+    requests_per_sec: float
+    min_requests_per_sec: float
+    max_requests_per_sec: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    cpu_us_per_request: float | None
+    socket_errors: int
+    non_2xx: int
+
+    @classmethod
+    def of(cls, rounds: list[WrkResult]) -> Summary:
+        rps = [r.requests_per_sec for r in rounds]
+        cpu = [r.cpu_us_per_request for r in rounds if r.cpu_us_per_request is not None]
+        return cls(
+            rounds=rounds,
+            requests_per_sec=statistics.median(rps),
+            min_requests_per_sec=min(rps),
+            max_requests_per_sec=max(rps),
+            p50_ms=statistics.median(r.p50_ms for r in rounds),
+            p90_ms=statistics.median(r.p90_ms for r in rounds),
+            p99_ms=statistics.median(r.p99_ms for r in rounds),
+            cpu_us_per_request=statistics.median(cpu) if cpu else None,
+            socket_errors=sum(r.socket_errors for r in rounds),
+            non_2xx=sum(r.non_2xx for r in rounds),
+        )
+
+    @property
+    def clean(self) -> bool:
+        return self.socket_errors == 0 and self.non_2xx == 0
+
+
+def measure_throughput(
+    wrk: str, services: dict[str, Service], args: argparse.Namespace, log: Callable[[str], None]
+) -> tuple[dict[str, Summary], dict[str, Summary]]:
+    """Interleaved rounds at c=N (every target) and c=1 (direct, edge, nginx)."""
+    names = list(services)
+    latency_names = [name for name in names if name != NAIVE]
+    if args.warmup > 0:
+        for name in names:
+            log(f"warm-up: {name} ({args.warmup} s)")
+            run_wrk(wrk, services[name], args.connections, args.warmup)
+    loaded: dict[str, list[WrkResult]] = {name: [] for name in names}
+    single: dict[str, list[WrkResult]] = {name: [] for name in latency_names}
+    for round_index in range(args.rounds):
+        # Rotated each round, so no contender always runs right after the same one.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            result = run_wrk(wrk, services[name], args.connections, args.duration)
+            loaded[name].append(result)
+            log(
+                f"round {round_index + 1}/{args.rounds} c={args.connections} {name:<15} "
+                f"{result.requests_per_sec:>10,.0f} req/s  p50 {result.p50_ms:8.3f} ms  "
+                f"p99 {result.p99_ms:8.3f} ms{_problems(result)}"
+            )
+        shift = round_index % len(latency_names)
+        for name in latency_names[shift:] + latency_names[:shift]:
+            result = run_wrk(wrk, services[name], 1, args.latency_duration)
+            single[name].append(result)
+            log(
+                f"round {round_index + 1}/{args.rounds} c=1  {name:<15} "
+                f"{result.requests_per_sec:>10,.0f} req/s  p50 {result.p50_ms:8.3f} ms  "
+                f"p99 {result.p99_ms:8.3f} ms{_problems(result)}"
+            )
+    return (
+        {name: Summary.of(results) for name, results in loaded.items()},
+        {name: Summary.of(results) for name, results in single.items()},
+    )
+
+
+def _problems(result: WrkResult) -> str:
+    if result.socket_errors or result.non_2xx:
+        return f"  [{result.non_2xx} non-2xx, {result.socket_errors} socket errors]"
+    return ""
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _tool_version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return text[0].strip() if text else "unknown"
+
+
+def machine_info(wrk: str, nginx: str | None) -> dict[str, Any]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "uvicorn": _version("uvicorn"),
+        "uvloop": _version("uvloop"),
+        "httptools": _version("httptools"),
+        "starlette": _version("starlette"),
+        "httpx": _version("httpx"),
+        "nginx": _tool_version([nginx, "-v"]) if nginx else "not installed",
+        "wrk": _tool_version([wrk, "-v"]).split(" [")[0],
+        "load_average_at_start": os.getloadavg()[0],
+        "edge_source": _edge_source(),
+    }
+
+
+def _edge_source() -> str:
+    """The commit the measured edge came from, and whether edge/ had local changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "edge"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit} (edge/ modified)" if dirty else commit
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:g} GiB" if n >= GIB else f"{n / MIB:g} MiB"
+
+
+def _verdict(passed: bool | None) -> str:
+    return "SKIP" if passed is None else ("PASS" if passed else "FAIL")
+
+
+def build_report(
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    loaded: dict[str, Summary],
+    single: dict[str, Summary],
+    memory: MemoryResult | None,
+    notes: list[str],
+) -> dict[str, Any]:
+    def rps(name: str) -> float | None:
+        return loaded[name].requests_per_sec if name in loaded else None
+
+    edge_rps, nginx_rps, naive_rps = rps(EDGE), rps(NGINX), rps(NAIVE)
+    ratios: dict[str, float | None] = {
+        "edge_over_nginx": edge_rps / nginx_rps if edge_rps and nginx_rps else None,
+        "naive_over_nginx": naive_rps / nginx_rps if naive_rps and nginx_rps else None,
+        "edge_over_naive": edge_rps / naive_rps if edge_rps and naive_rps else None,
+    }
+    added_ms = single[EDGE].p50_ms - single[DIRECT].p50_ms
+    nginx_added_ms = single[NGINX].p50_ms - single[DIRECT].p50_ms if NGINX in single else None
+
+    targets: list[dict[str, Any]] = []
+    edge_clean = loaded[EDGE].clean and single[EDGE].clean
+    ratio = ratios["edge_over_nginx"]
+    targets.append(
+        {
+            "name": f"edge req/s >= 12 % of nginx (c={args.connections})",
+            "value": ratio,
+            "shown": f"{ratio:.1%}" if ratio is not None else "n/a (nginx not installed)",
+            "verdict": _verdict(None if ratio is None else ratio >= TARGET_EDGE_OVER_NGINX and edge_clean),
+        }
+    )
+    targets.append(
+        {
+            "name": "edge added median latency <= 0.35 ms (c=1)",
+            "value": added_ms,
+            "shown": f"{added_ms:.3f} ms",
+            "verdict": _verdict(added_ms <= TARGET_ADDED_LATENCY_MS and edge_clean),
+        }
+    )
+    for direction in ("upload", "download"):
+        transfer = next((t for t in memory.transfers if t.direction == direction), None) if memory else None
+        targets.append(
+            {
+                "name": f"edge RSS growth, {_size(args.memory_bytes)} {direction} <= 32 MiB",
+                "value": transfer.growth_mib if transfer else None,
+                "shown": (
+                    f"{transfer.growth_mib:.1f} MiB" + ("" if transfer.bytes_ok else " (BYTE COUNT WRONG)")
+                    if transfer
+                    else "n/a (skipped)"
+                ),
+                "verdict": _verdict(
+                    None
+                    if transfer is None
+                    else transfer.growth_mib <= TARGET_RSS_GROWTH_MIB and transfer.bytes_ok
+                ),
+            }
+        )
+    if not edge_clean:
+        notes.append("the edge answered with errors or non-2xx responses under load: its targets are FAIL")
+    machine["load_average_at_end"] = os.getloadavg()[0]
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "settings": {
+            "connections": args.connections,
+            "duration_s": args.duration,
+            "latency_duration_s": args.latency_duration,
+            "rounds": args.rounds,
+            "warmup_s": args.warmup,
+            "memory_bytes": args.memory_bytes if not args.skip_memory else None,
+        },
+        "machine": machine,
+        "throughput": {name: asdict(summary) for name, summary in loaded.items()},
+        "latency_c1": {name: asdict(summary) for name, summary in single.items()},
+        "edge_added_latency_ms": added_ms,
+        "nginx_added_latency_ms": nginx_added_ms,
+        "ratios": ratios,
+        "memory": asdict(memory) if memory else None,
+        "targets": targets,
+        "notes": notes,
+    }
+
+
+def format_report(
+    report: dict[str, Any],
+    loaded: dict[str, Summary],
+    single: dict[str, Summary],
+    memory: MemoryResult | None,
+) -> str:
+    settings = report["settings"]
+    machine = report["machine"]
+    out: list[str] = []
+    out.append("")
+    out.append(
+        f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), Python {machine['python']}, "
+        f"uvicorn {machine['uvicorn']}, {machine['nginx']}, {machine['wrk']}; "
+        f"load average {machine['load_average_at_start']:.2f} -> {machine['load_average_at_end']:.2f}; "
+        f"edge from {machine['edge_source']}"
+    )
+    out.append(
+        f"wrk -t1 -c{settings['connections']} -d{settings['duration_s']}s and "
+        f"-c1 -d{settings['latency_duration_s']}s, {settings['rounds']} interleaved rounds, median per target"
+    )
+    out.append("")
+    header = (
+        f"| target | req/s c={settings['connections']} | (min-max) | p50 ms | p90 ms | p99 ms "
+        "| server CPU us/req | c=1 p50 ms | errors |"
+    )
+    out.append(header)
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, summary in loaded.items():
+        c1 = single.get(name)
+        cpu = f"{summary.cpu_us_per_request:.0f}" if summary.cpu_us_per_request is not None else "-"
+        problems = summary.socket_errors + summary.non_2xx + (c1.socket_errors + c1.non_2xx if c1 else 0)
+        out.append(
+            f"| {name} | {summary.requests_per_sec:,.0f} | {summary.min_requests_per_sec:,.0f}-"
+            f"{summary.max_requests_per_sec:,.0f} | {summary.p50_ms:.3f} | {summary.p90_ms:.3f} | "
+            f"{summary.p99_ms:.3f} | {cpu} | {f'{c1.p50_ms:.3f}' if c1 else '-'} | {problems} |"
+        )
+    out.append("")
+    ratios = report["ratios"]
+
+    def pct(value: float | None) -> str:
+        return f"{value:.1%}" if value is not None else "n/a"
+
+    out.append(f"edge / nginx req/s:  {pct(ratios['edge_over_nginx'])}")
+    out.append(f"naive / nginx req/s: {pct(ratios['naive_over_nginx'])}")
+    edge_over_naive = ratios["edge_over_naive"]
+    out.append(f"edge / naive req/s:  {f'{edge_over_naive:.1f}x' if edge_over_naive else 'n/a'}")
+    out.append(
+        f"added median latency at c=1 over upstream direct: edge {report['edge_added_latency_ms']:.3f} ms"
+        + (
+            f", nginx {report['nginx_added_latency_ms']:.3f} ms"
+            if report["nginx_added_latency_ms"] is not None
+            else ""
+        )
+    )
+    if memory is not None:
+        out.append(f"edge idle RSS before the transfers: {memory.baseline_rss_mib:.1f} MiB")
+        for transfer in memory.transfers:
+            out.append(
+                f"  {transfer.direction:<8} {transfer.expected_bytes / MIB:.0f} MiB: peak RSS "
+                f"{transfer.peak_rss_mib:.1f} MiB (+{transfer.growth_mib:.1f} MiB), "
+                f"{transfer.counted_bytes} bytes counted ({'ok' if transfer.bytes_ok else 'WRONG'}), "
+                f"{transfer.expected_bytes / MIB / transfer.seconds:.0f} MiB/s"
+            )
+    out.append("")
+    out.append("Targets:")
+    for target in report["targets"]:
+        out.append(f"  [{target['verdict']}] {target['name']}: {target['shown']}")
+    for note in report["notes"]:
+        out.append(f"Note: {note}")
+    return "\n".join(out)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark the edge against upstream direct, nginx and a naive Python proxy.",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per measurement (3)")
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run at -c N (5)")
+    parser.add_argument("--latency-duration", type=int, default=5, help="seconds per wrk run at -c1 (5)")
+    parser.add_argument("--connections", type=int, default=50, help="wrk connections for throughput (50)")
+    parser.add_argument("--warmup", type=int, default=2, help="seconds of untimed wrk per target first (2)")
+    parser.add_argument("--memory-bytes", type=int, default=GIB, help="bytes streamed each way (1 GiB)")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the upload/download memory test")
+    parser.add_argument("--no-nginx", action="store_true", help="leave nginx out even when installed")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, server logs)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.duration < 1 or args.latency_duration < 1 or args.connections < 1:
+        parser.error("--rounds, --duration, --latency-duration and --connections must be >= 1")
+    return args
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # a `kill` of the bench cleans up like Ctrl-C
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("proxy_bench: wrk is not installed (scripts/install_bench_tools.sh)", file=sys.stderr)
+        return 2
+    notes: list[str] = []
+    nginx = None if args.no_nginx else find_nginx()
+    if nginx is None:
+        notes.append("nginx not run (not installed or --no-nginx): the edge/nginx target is skipped")
+        log("nginx is not installed: measuring without it")
+
+    tmp = Path(tempfile.mkdtemp(prefix="proxy-bench-"))
+    tmp.chmod(0o755)  # nginx's worker may run as another user
+    keep_tmp = args.keep_tmp
+    services = build_services(tmp, nginx, args.memory_bytes)
+    started: list[Service] = []
+    try:
+        upstream = services[DIRECT]
+        upstream.start()
+        started.append(upstream)
+        upstream.wait_ready()
+        for name in (EDGE, NGINX, NAIVE):
+            if name in services:
+                services[name].start()
+                started.append(services[name])
+        for service in started[1:]:
+            service.wait_ready()
+        log("servers: " + ", ".join(f"{s.name} on :{s.port} (pid {s.pid})" for s in started))
+
+        machine = machine_info(wrk, nginx)
+        memory = None if args.skip_memory else measure_memory(services[EDGE], args.memory_bytes, log)
+        loaded, single = measure_throughput(wrk, services, args, log)
+        for service in started:
+            if service.proc is not None and service.proc.poll() is not None:
+                notes.append(f"{service.name} exited during the run; see its log")
+        report = build_report(args, machine, loaded, single, memory, notes)
+        print(format_report(report, loaded, single, memory), flush=True)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            log(f"results written to {args.json}")
+    except KeyboardInterrupt:
+        print("\nproxy_bench: interrupted; stopping the servers", file=sys.stderr)
+        return 130
+    except (BenchError, httpx.HTTPError, OSError, subprocess.TimeoutExpired) as exc:
+        keep_tmp = True
+        print(f"proxy_bench: the benchmark could not run: {exc}", file=sys.stderr)
+        print(f"proxy_bench: server logs kept in {tmp}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
+        for service in reversed(started):
+            service.stop()
+        if not keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
