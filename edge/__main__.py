@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from edge.policy import load_policy
 from edge.server import serve
 from edge.settings import ConfigurationError, load_settings
 
@@ -11,10 +12,11 @@ from edge.settings import ConfigurationError, load_settings
 def main() -> int:
     try:
         settings = load_settings()
+        policy = load_policy(settings.policy_file)
     except ConfigurationError as error:
         print(f"edge: {error}", file=sys.stderr)
         return 2
-    serve(settings)
+    serve(settings, policy)
     return 0
 
 

@@ -8,6 +8,7 @@ the edge's throughput on small requests (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -20,10 +21,27 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge import errors
+from edge.concerns.access_log import AccessLogMiddleware
+from edge.concerns.cache_policy import CachePolicyMiddleware, cache_control_value
+from edge.concerns.cors import CorsMiddleware
+from edge.concerns.rate_limit import LimitStore, RateLimitMiddleware, build_route_policies
+from edge.concerns.request_id import RequestIdMiddleware
+from edge.concerns.security_headers import (
+    API_CONTENT_SECURITY_POLICY,
+    NO_REFERRER,
+    STRICT_ORIGIN_WHEN_CROSS_ORIGIN,
+    SecurityHeadersMiddleware,
+    html_content_security_policy,
+    preset,
+)
+from edge.concerns.size_limits import SizeLimitMiddleware
+from edge.concerns.tracing import TracingMiddleware
 from edge.health import health_routes
+from edge.policy import Policy, RouteTable, load_policy
 from edge.proxy import Proxy
 from edge.proxy.ingress import IngressMiddleware
-from edge.settings import EdgeSettings, load_settings
+from edge.settings import EdgeSettings, Environment, load_settings
+from edge.telemetry import configure_telemetry
 
 EDGE_PATH = "/_edge"
 
@@ -43,23 +61,90 @@ class EdgeApp:
             await self.proxy(scope, receive, send)
 
 
-def build_app(settings: EdgeSettings, proxy: Proxy | None = None) -> ASGIApp:
+def build_app(settings: EdgeSettings, policy: Policy, proxy: Proxy | None = None) -> ASGIApp:
     proxy = proxy or Proxy(settings)
+    telemetry = configure_telemetry(settings)
+    limit_store = LimitStore(
+        settings.rate_limit_storage_url,
+        settings.rate_limit_strategy,
+        key_prefix=settings.rate_limit_key_prefix,
+        timeout=settings.rate_limit_store_timeout,
+        on_error=settings.rate_limit_on_store_error,
+        meter=telemetry.meter,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Everything built so far lives as long as the process: moved out of the garbage
+        # collector's sight, full collections stop walking it on every cycle (measured at
+        # an eighth of the edge's CPU under load).
+        gc.collect()
+        gc.freeze()
         yield
         proxy.pool.close()
+        telemetry.shutdown()
 
     own_endpoints = Starlette(
-        routes=[Mount(EDGE_PATH, routes=health_routes({"upstream": proxy.pool.check}))],
+        routes=[
+            Mount(
+                EDGE_PATH,
+                routes=health_routes({"upstream": proxy.pool.check, "rate_limit_store": limit_store.health}),
+            )
+        ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _edge_route_error},
     )
+    production_like = settings.environment != Environment.development
 
-    # Outermost first: a request passes these top to bottom, its response bottom to top.
+    # Outermost first: a request passes these top to bottom, its response bottom to top,
+    # so every response made by a lower layer (403, 413, 429, 431, 502...) gets the
+    # headers of the layers above it: request id, security headers, CORS.
     chain = [
         Middleware(IngressMiddleware, trusted_proxies=settings.trusted_proxies),
+        Middleware(RequestIdMiddleware),
+        Middleware(TracingMiddleware, tracer=telemetry.tracer),
+        *([Middleware(AccessLogMiddleware)] if settings.access_log else []),
+        Middleware(
+            SecurityHeadersMiddleware,
+            api_headers=preset(API_CONTENT_SECURITY_POLICY, settings.hsts_max_age, NO_REFERRER),
+            html_headers=preset(
+                settings.content_security_policy or html_content_security_policy(production_like),
+                settings.hsts_max_age,
+                STRICT_ORIGIN_WHEN_CROSS_ORIGIN,
+            ),
+        ),
+        Middleware(
+            CorsMiddleware,
+            allow_origins=settings.cors_allow_origins,
+            allow_credentials=settings.cors_allow_credentials,
+            allow_methods=settings.cors_allow_methods,
+            allow_headers=settings.cors_allow_headers,
+            expose_headers=settings.cors_expose_headers,
+            max_age=settings.cors_max_age,
+        ),
+        Middleware(
+            SizeLimitMiddleware,
+            body_limits=RouteTable.from_policy(
+                policy, settings.max_body_bytes, lambda rule: rule.max_body_bytes
+            ),
+            max_header_count=settings.max_header_count,
+            max_header_bytes=settings.max_header_bytes,
+        ),
+        Middleware(
+            RateLimitMiddleware,
+            store=limit_store,
+            routes=build_route_policies(policy, settings.rate_limit_default, settings.rate_limit_key),
+            dry_run=settings.rate_limit_dry_run,
+            legacy_headers=settings.rate_limit_legacy_headers,
+            meter=telemetry.meter,
+        ),
+        Middleware(
+            CachePolicyMiddleware,
+            rules=RouteTable.from_policy(
+                policy, None, lambda rule: cache_control_value(rule.cache) if rule.cache else None
+            ),
+            api_prefixes=settings.api_path_prefixes,
+        ),
     ]
     app: ASGIApp = EdgeApp(own_endpoints, proxy)
     for cls, args, kwargs in reversed(chain):
@@ -69,7 +154,8 @@ def build_app(settings: EdgeSettings, proxy: Proxy | None = None) -> ASGIApp:
 
 def create_app() -> ASGIApp:
     """Factory for uvicorn's worker processes: each reads the same environment."""
-    return build_app(load_settings())
+    settings = load_settings()
+    return build_app(settings, load_policy(settings.policy_file))
 
 
 async def _edge_route_error(request: Request, exc: Exception) -> Response:

@@ -23,6 +23,14 @@ class EdgeError:
 
 
 BAD_REQUEST = EdgeError(400, "bad_request", "The request is malformed.")
+CORS_FORBIDDEN = EdgeError(403, "cors_forbidden", "This cross-origin request is not allowed.")
+PAYLOAD_TOO_LARGE = EdgeError(
+    413, "payload_too_large", "The request body is larger than this endpoint accepts."
+)
+RATE_LIMITED = EdgeError(429, "rate_limited", "Too many requests. Try again after the time in Retry-After.")
+HEADERS_TOO_LARGE = EdgeError(
+    431, "headers_too_large", "The request has too many headers, or headers that are too large."
+)
 NOT_FOUND = EdgeError(404, "not_found", "There is nothing at this path.")
 METHOD_NOT_ALLOWED = EdgeError(405, "method_not_allowed", "This method is not allowed here.")
 INTERNAL_ERROR = EdgeError(500, "internal_error", "The edge failed to handle the request.")
@@ -30,6 +38,9 @@ UPSTREAM_UNAVAILABLE = EdgeError(
     502, "upstream_unavailable", "The service could not be reached. Try again shortly."
 )
 UPSTREAM_BUSY = EdgeError(503, "upstream_busy", "The service is at capacity. Try again shortly.")
+RATE_LIMIT_UNAVAILABLE = EdgeError(
+    503, "rate_limit_unavailable", "Requests cannot be admitted right now. Try again shortly."
+)
 SHUTTING_DOWN = EdgeError(503, "shutting_down", "The service is restarting. Try again shortly.")
 UPSTREAM_TIMEOUT = EdgeError(504, "upstream_timeout", "The service took too long to respond.")
 
@@ -68,3 +79,18 @@ async def send_error(
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def deny_websocket(
+    scope: Scope, send: Send, error: EdgeError, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """Refuses a WebSocket upgrade with an HTTP response in the envelope, where the server
+    supports that; otherwise with a bare close before accepting (an HTTP 403)."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    body = error_body(error, request_id_of(scope))
+    await send(
+        {"type": "websocket.http.response.start", "status": error.status, "headers": error_headers(body)}
+    )
+    await send({"type": "websocket.http.response.body", "body": body})

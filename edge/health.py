@@ -1,15 +1,21 @@
-"""`/_edge/live` and `/_edge/ready`: answered by the edge itself, never forwarded."""
+"""`/_edge/live` and `/_edge/ready`: answered by the edge itself, never forwarded.
+
+Ready means every dependency is `up` or `degraded` (working around a failure, such as a
+rate-limit store that is down while the edge admits requests); one `down` makes it 503.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-ReadinessCheck = Callable[[], Awaitable[bool]]
+State = Literal["up", "degraded", "down"]
+ReadinessCheck = Callable[[], Awaitable[State]]
 
 NO_STORE = {"cache-control": "no-store"}
 
@@ -19,9 +25,8 @@ def health_routes(checks: Mapping[str, ReadinessCheck]) -> list[Route]:
         return JSONResponse({"status": "alive"}, headers=NO_STORE)
 
     async def ready(request: Request) -> JSONResponse:
-        results = await asyncio.gather(*(check() for check in checks.values()))
-        states = {name: "up" if ok else "down" for name, ok in zip(checks, results, strict=True)}
-        is_ready = all(results)
+        states = dict(zip(checks, await asyncio.gather(*(check() for check in checks.values())), strict=True))
+        is_ready = "down" not in states.values()
         return JSONResponse(
             {"status": "ready" if is_ready else "unavailable", "checks": states},
             status_code=200 if is_ready else 503,

@@ -8,12 +8,14 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn._types import ASGI3Application
+from uvicorn._types import ASGI3Application, ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from edge import errors
 from edge.app import build_app
 from edge.logs import log_config
+from edge.policy import Policy
 from edge.settings import EdgeSettings
 
 
@@ -53,13 +55,26 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol, aware that a denial response completes the handshake.
+
+    Without this, every upgrade refused with an HTTP response (CORS, rate limit, an
+    upstream's 401) logs a false "returned without completing handshake" error.
+    """
+
+    async def send(self, message: ASGISendEvent) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True
+
+
 def uvicorn_options(settings: EdgeSettings) -> dict[str, Any]:
     return {
         "host": settings.host,
         "port": settings.port,
         "loop": "uvloop",
         "http": EdgeHttpProtocol,
-        "ws": "websockets-sansio",
+        "ws": EdgeWebSocketProtocol,
         "ws_max_size": settings.ws_max_message_bytes,
         "lifespan": "on",
         # The edge resolves clients itself, through EDGE_TRUSTED_PROXIES only.
@@ -73,14 +88,14 @@ def uvicorn_options(settings: EdgeSettings) -> dict[str, Any]:
     }
 
 
-def serve(settings: EdgeSettings) -> None:
+def serve(settings: EdgeSettings, policy: Policy) -> None:
     options = uvicorn_options(settings)
     # uvicorn re-raises the signal that stopped it once it has drained; a handler of our
     # own turns that into a normal exit (status 0) instead of death by signal.
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
     if settings.workers == 1:
-        uvicorn.run(build_app(settings), **options)
+        uvicorn.run(build_app(settings, policy), **options)
     else:
         uvicorn.run("edge.app:create_app", factory=True, workers=settings.workers, **options)
 

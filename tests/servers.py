@@ -21,6 +21,7 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from edge.app import build_app
+from edge.policy import Policy
 from edge.proxy import Proxy
 from edge.server import uvicorn_options
 from edge.settings import EdgeSettings
@@ -495,19 +496,23 @@ class RunningEdge:
         return self.server.port
 
 
-def start_edge(upstream_url: str, **overrides: Any) -> RunningEdge:
+def start_edge(upstream_url: str, policy: Policy | None = None, **overrides: Any) -> RunningEdge:
+    """The edge as `python -m edge` builds it. Rate limiting and the body limit are off unless
+    a test asks for them: most tests send more requests, and bigger ones, than a client may."""
+    overrides.setdefault("rate_limit_default", "off")
+    overrides.setdefault("max_body_bytes", 1 << 40)
     settings = EdgeSettings(upstream_url=upstream_url, **overrides)
     proxy = Proxy(settings)
     options = uvicorn_options(settings)
     options.pop("host")
     options.pop("port")
-    config = uvicorn.Config(build_app(settings, proxy), **options)
+    config = uvicorn.Config(build_app(settings, policy or Policy(), proxy), **options)
     return RunningEdge(ServerThread(config).start(), proxy, settings)
 
 
 @contextlib.contextmanager
-def running_edge(upstream_url: str, **overrides: Any) -> Iterator[RunningEdge]:
-    edge = start_edge(upstream_url, **overrides)
+def running_edge(upstream_url: str, policy: Policy | None = None, **overrides: Any) -> Iterator[RunningEdge]:
+    edge = start_edge(upstream_url, policy, **overrides)
     try:
         yield edge
     finally:

@@ -474,7 +474,7 @@ def test_ready_is_200_when_the_upstream_is_up(edge: RunningEdge, upstream: Upstr
     response = get(f"{edge.url}/_edge/ready?probe={marker}")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
-    assert response.json() == {"status": "ready", "checks": {"upstream": "up"}}
+    assert response.json() == {"status": "ready", "checks": {"upstream": "up", "rate_limit_store": "up"}}
     time.sleep(SETTLE)
     assert recorded_with(upstream, marker) == []
 
@@ -486,7 +486,7 @@ def test_ready_is_503_when_the_upstream_is_down(refused_edge: RunningEdge) -> No
     body = response.json()
     assert "error" not in body
     assert body["status"] != "ready"
-    assert body["checks"] == {"upstream": "down"}
+    assert body["checks"] == {"upstream": "down", "rate_limit_store": "up"}
     assert_response_reveals_nothing(response, upstream_port(refused_edge))
 
 

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Origin, Subprotocol
 
-from tests.servers import RunningEdge, UpstreamApp, closed_port, pattern_bytes, running_edge
+from tests.servers import RunningEdge, ServerThread, UpstreamApp, closed_port, pattern_bytes, running_edge
 
 OPEN_TIMEOUT = 5.0
 
@@ -94,8 +94,11 @@ def test_no_subprotocol_is_invented_when_none_is_offered(edge: RunningEdge) -> N
         assert "Sec-WebSocket-Protocol" not in ws.response.headers
 
 
-def test_client_origin_reaches_the_upstream(edge: RunningEdge) -> None:
-    with open_ws(edge, origin=Origin("https://app.example.com")) as ws:
+def test_client_origin_reaches_the_upstream(upstream_server: tuple[ServerThread, UpstreamApp]) -> None:
+    with (
+        running_edge(upstream_server[0].url, cors_allow_origins=["https://app.example.com"]) as edge,
+        open_ws(edge, origin=Origin("https://app.example.com")) as ws,
+    ):
         assert ws.response is not None
         assert ws.response.headers.get("x-upstream-saw-origin") == "https://app.example.com"
         ws.send("still works")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from starlette.types import Receive, Scope, Send
 
-from edge.proxy.forward import HttpForwarder
+from edge.proxy.forward import UPSTREAM_STATUS_SCOPE_KEY, HttpForwarder
 from edge.proxy.upstream import Origin, UpstreamPool
 from edge.proxy.websocket import WebSocketForwarder
 from edge.settings import EdgeSettings
+
+__all__ = ["UPSTREAM_STATUS_SCOPE_KEY", "Proxy"]
 
 
 class Proxy:

@@ -37,6 +37,7 @@ class ForwardedRequest:
     chain: tuple[str, ...]
     proto: str
     host: bytes | None
+    peer_trusted: bool = False
 
     @property
     def client(self) -> str:
@@ -136,7 +137,8 @@ class IngressMiddleware:
         client = scope.get("client")
         peer = client[0] if client else "unknown"
         proto = "https" if scope["scheme"] in ("https", "wss") else "http"
-        if self.trusted and self.trusted.is_trusted(peer):
+        peer_trusted = bool(self.trusted) and self.trusted.is_trusted(peer)
+        if peer_trusted:
             chain = self.trusted.client_chain(peer, forwarded_for)
             proto = _proto(forwarded_proto) or proto
             host = _first(forwarded_host) or host
@@ -146,7 +148,9 @@ class IngressMiddleware:
             chain = (peer,)
 
         scope["headers"] = kept
-        scope[FORWARDED_SCOPE_KEY] = ForwardedRequest(chain=chain, proto=proto, host=host)
+        scope[FORWARDED_SCOPE_KEY] = ForwardedRequest(
+            chain=chain, proto=proto, host=host, peer_trusted=peer_trusted
+        )
         await self.app(scope, receive, send)
 
 

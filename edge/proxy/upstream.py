@@ -18,7 +18,7 @@ import asyncio
 import ssl
 from collections import deque
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -77,7 +77,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
-        self._loop = asyncio.get_running_loop()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
@@ -199,8 +200,8 @@ class UpstreamConnection(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait until the upstream has taken what was written (backpressure)."""
         if self._write_paused and not self.closed:
-            self._drain_waiter = self._loop.create_future()
-            handle = self._loop.call_later(self._pool.read_timeout, self._time_out, self._drain_waiter)
+            self._drain_waiter = self.loop.create_future()
+            handle = self.loop.call_later(self._pool.read_timeout, self._time_out, self._drain_waiter)
             try:
                 await self._drain_waiter
             finally:
@@ -246,8 +247,8 @@ class UpstreamConnection(asyncio.Protocol):
     # -- waiting -------------------------------------------------------------------------
 
     async def _wait(self) -> None:
-        waiter = self._waiter = self._loop.create_future()
-        handle = self._loop.call_later(self._pool.read_timeout, self._time_out, waiter)
+        waiter = self._waiter = self.loop.create_future()
+        handle = self.loop.call_later(self._pool.read_timeout, self._time_out, waiter)
         try:
             await waiter
         finally:
@@ -320,7 +321,7 @@ class UpstreamPool:
         """Return a connection after an exchange; anything not cleanly finished is closed."""
         connection.finish()
         if connection.reusable:
-            connection.idle_since = asyncio.get_running_loop().time()
+            connection.idle_since = connection.loop.time()
             self._idle.append(connection)
         else:
             connection.abort()
@@ -331,14 +332,14 @@ class UpstreamPool:
         if connection in self._idle:
             self._idle.remove(connection)
 
-    async def check(self) -> bool:
+    async def check(self) -> Literal["up", "down"]:
         """Whether a new connection can be opened now (readiness)."""
         try:
             connection = await self._connect()
         except UpstreamError:
-            return False
+            return "down"
         connection.abort()
-        return True
+        return "up"
 
     def close(self) -> None:
         for connection in self._idle:
@@ -346,11 +347,10 @@ class UpstreamPool:
         self._idle.clear()
 
     def _take_idle(self) -> UpstreamConnection | None:
-        now = asyncio.get_running_loop().time()
         while self._idle:
             # Most recently used first: the least likely to have been closed by the upstream.
             connection = self._idle.pop()
-            if connection.closed or now - connection.idle_since > self.idle_timeout:
+            if connection.closed or connection.loop.time() - connection.idle_since > self.idle_timeout:
                 connection.abort()
                 continue
             connection.reused = True

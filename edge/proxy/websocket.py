@@ -169,15 +169,4 @@ async def _deny(scope: Scope, send: Send, refusal: InvalidStatus) -> None:
 
 async def _deny_with_error(scope: Scope, send: Send, error: errors.EdgeError) -> None:
     logger.warning("websocket upstream failed: %s", error.code)
-    if "websocket.http.response" not in scope.get("extensions", {}):
-        await send({"type": "websocket.close", "code": 1011})
-        return
-    body = errors.error_body(error, errors.request_id_of(scope))
-    await send(
-        {
-            "type": "websocket.http.response.start",
-            "status": error.status,
-            "headers": errors.error_headers(body),
-        }
-    )
-    await send({"type": "websocket.http.response.body", "body": body})
+    await errors.deny_websocket(scope, send, error)

@@ -1,0 +1,1 @@
+"""The edge concerns: each one pure ASGI middleware, in the order `edge.app` declares."""

@@ -1,0 +1,85 @@
+"""Access log: one JSON line per request, written when the exchange ends.
+
+Fields: method, path (without the query, which may carry secrets), status (499 when the
+client left before any response), bytes in and out, duration, the client address as
+resolved through trusted proxies, the upstream's status (absent when the edge answered
+itself) and the rate-limit decision; the formatter adds time, request id and trace id.
+The edge's own `/_edge/` probes are logged at debug level, so health checks do not
+drown the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edge.concerns.rate_limit import DECISION_SCOPE_KEY
+from edge.proxy import UPSTREAM_STATUS_SCOPE_KEY
+
+logger = logging.getLogger("edge.access")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's convention: no response was sent
+
+
+class AccessLogMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+
+        started = time.perf_counter()
+        bytes_in = bytes_out = 0
+        status = CLIENT_CLOSED_REQUEST
+
+        async def receive_counting() -> Message:
+            nonlocal bytes_in
+            message = await receive()
+            if message["type"] == "http.request":
+                bytes_in += len(message.get("body", b""))
+            elif message["type"] == "websocket.receive":
+                bytes_in += len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
+            return message
+
+        async def send_counting(message: Message) -> None:
+            nonlocal bytes_out, status
+            kind = message["type"]
+            if kind in ("http.response.start", "websocket.http.response.start"):
+                status = message["status"]
+            elif kind in ("http.response.body", "websocket.http.response.body"):
+                bytes_out += len(message.get("body", b""))
+            elif kind == "websocket.accept":
+                status = 101
+            elif kind == "websocket.send":
+                bytes_out += len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
+            await send(message)
+
+        try:
+            await self.app(scope, receive_counting, send_counting)
+        finally:
+            path = scope["path"]
+            level = logging.DEBUG if path.startswith("/_edge/") else logging.INFO
+            if logger.isEnabledFor(level):
+                client = scope.get("client")
+                logger.log(
+                    level,
+                    "%s %s %s",
+                    scope.get("method", "WEBSOCKET"),
+                    path,
+                    status,
+                    extra={
+                        "method": scope.get("method", "GET"),
+                        "path": path,
+                        "status": status,
+                        "bytes_in": bytes_in,
+                        "bytes_out": bytes_out,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                        "client": client[0] if client else None,
+                        "upstream_status": scope.get(UPSTREAM_STATUS_SCOPE_KEY),
+                        "rate_limit": scope.get(DECISION_SCOPE_KEY),
+                    },
+                )

@@ -1,0 +1,74 @@
+"""Cache policy: a `Cache-Control` for responses whose upstream set none.
+
+In order, the first that applies:
+1. a policy-file rule's `cache`: `immutable`, `revalidate`, `no-store` or a literal value;
+2. error responses (4xx, 5xx): `no-store`, so a passing failure is never cached;
+3. paths under `EDGE_API_PATH_PREFIXES` (`/api/`): `no-store`;
+4. fingerprinted assets, whose name carries a content hash (`app.3f9a1c2e.js`,
+   `index-B4x9Kq2z.css`): `public, max-age=31536000, immutable`;
+5. HTML pages: `no-cache` (stored, but revalidated before each use, so a new release
+   shows at once).
+Anything else is left to the upstream and the client. A `Cache-Control` set by the
+upstream always wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from edge.policy import RouteTable
+
+IMMUTABLE = b"public, max-age=31536000, immutable"
+REVALIDATE = b"no-cache"
+NO_STORE = b"no-store"
+NAMED = {"immutable": IMMUTABLE, "revalidate": REVALIDATE, "no-store": NO_STORE}
+
+# A hash of 8+ characters with at least one digit, before a static file's extension. Names
+# without a digit are not taken for hashes: a wrong "immutable" would pin a file for a year.
+FINGERPRINTED = re.compile(
+    r"[.-](?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{8,}"
+    r"\.(?:js|mjs|css|map|woff2?|ttf|otf|eot|png|jpe?g|gif|svg|webp|avif|ico|wasm|mp3|ogg|wav|webm|mp4)$"
+)
+
+
+def cache_control_value(setting: str) -> bytes:
+    return NAMED.get(setting, setting.encode("latin-1"))
+
+
+class CachePolicyMiddleware:
+    def __init__(self, app: ASGIApp, rules: RouteTable[bytes | None], api_prefixes: Sequence[str]) -> None:
+        self.app = app
+        self.rules = rules
+        self.api_prefixes = tuple(api_prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        path = scope["path"]
+        by_path, _ = self.rules.lookup(scope["method"], path)
+        if by_path is None:
+            if path.startswith(self.api_prefixes):
+                by_path = NO_STORE
+            elif FINGERPRINTED.search(path):
+                by_path = IMMUTABLE
+
+        async def send_with_cache_policy(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.get("headers", ())
+                if not any(name == b"cache-control" for name, _ in headers):
+                    value = NO_STORE if message["status"] >= 400 else by_path
+                    if value is None and any(
+                        name == b"content-type" and content_type.startswith(b"text/html")
+                        for name, content_type in headers
+                    ):
+                        value = REVALIDATE
+                    if value is not None:
+                        message["headers"] = [*headers, (b"cache-control", value)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cache_policy)

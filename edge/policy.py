@@ -1,0 +1,127 @@
+"""Per-route rules from the optional policy file `EDGE_POLICY_FILE` (TOML or YAML).
+
+```toml
+[[routes]]
+name = "voice-turns"
+path = "/api/v1/sessions/*/turns"   # a prefix, or a glob: * one segment, ** any
+methods = ["POST"]                  # optional; all methods when absent
+rate_limit = "10/minute;200/day"    # or "off"
+max_body_bytes = 10485760
+cache = "no-store"                  # immutable | revalidate | no-store | a Cache-Control value
+```
+
+Each concern asks only for its own setting: for a request, the first rule (in file order)
+that matches and sets it wins, else the environment's default applies. Paths are matched
+against the decoded path, the one applications route on.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge.settings import ConfigurationError, check_rate_limit, check_rate_limit_key
+
+T = TypeVar("T")
+
+
+class RouteRule(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    path: str = Field(pattern=r"^/")
+    methods: list[str] | None = None
+    rate_limit: str | None = None
+    rate_limit_key: list[str] | None = None
+    max_body_bytes: int | None = Field(None, ge=0)
+    cache: str | None = None
+
+    @field_validator("methods")
+    @classmethod
+    def _upper(cls, value: list[str] | None) -> list[str] | None:
+        return [method.upper() for method in value] if value is not None else None
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        return check_rate_limit(value) if value is not None else None
+
+    @field_validator("rate_limit_key")
+    @classmethod
+    def _rate_limit_key(cls, value: list[str] | None) -> list[str] | None:
+        return check_rate_limit_key(value) if value is not None else None
+
+    @property
+    def label(self) -> str:
+        """How the rule is named in headers and logs."""
+        return self.name or self.path
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    routes: list[RouteRule] = []
+
+
+def load_policy(path: Path | None) -> Policy:
+    if path is None:
+        return Policy()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigurationError(f"EDGE_POLICY_FILE: cannot read {path}: {exc.strerror}") from None
+    try:
+        document: Any = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigurationError(f"EDGE_POLICY_FILE: {path} is not valid {path.suffix[1:]}: {exc}") from None
+    try:
+        return Policy.model_validate(document or {})
+    except ValidationError as error:
+        problems = []
+        for problem in error.errors():
+            where = ".".join(str(part) for part in problem["loc"])
+            problems.append(f"  {where}: {problem['msg'].removeprefix('Value error, ')}")
+        raise ConfigurationError(f"EDGE_POLICY_FILE: {path}:\n" + "\n".join(problems)) from None
+
+
+def path_matcher(pattern: str) -> Callable[[str], bool]:
+    """A prefix (on a segment boundary) or, with `*`, a glob over path segments."""
+    if "*" not in pattern:
+        prefix = pattern.rstrip("/")
+        return lambda path: path == prefix or path.startswith(prefix + "/") or (not prefix and path == "/")
+    wildcards = {"**": ".*", "*": "[^/]*"}
+    regex = "".join(wildcards.get(part) or re.escape(part) for part in re.split(r"(\*\*|\*)", pattern))
+    return re.compile(regex).fullmatch  # type: ignore[return-value]
+
+
+class RouteTable(Generic[T]):
+    """One concern's view of the policy: the value for a request, and the rule it came from."""
+
+    def __init__(self, default: T, rules: list[tuple[RouteRule, T]]) -> None:
+        self.default = default
+        self._rules = [
+            (path_matcher(rule.path), frozenset(rule.methods) if rule.methods else None, rule, value)
+            for rule, value in rules
+        ]
+
+    @classmethod
+    def from_policy(
+        cls, policy: Policy, default: T, setting: Callable[[RouteRule], T | None]
+    ) -> RouteTable[T]:
+        rules = [(rule, value) for rule in policy.routes if (value := setting(rule)) is not None]
+        return cls(default, rules)
+
+    def __bool__(self) -> bool:
+        return bool(self._rules)
+
+    def lookup(self, method: str, path: str) -> tuple[T, RouteRule | None]:
+        for matches, methods, rule, value in self._rules:
+            if (methods is None or method in methods) and matches(path):
+                return value, rule
+        return self.default, None
