@@ -47,10 +47,12 @@ class RouteRule(BaseModel):
     def _upper(cls, value: list[str] | None) -> list[str] | None:
         return [method.upper() for method in value] if value is not None else None
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", mode="before")
     @classmethod
-    def _rate_limit(cls, value: str | None) -> str | None:
-        return check_rate_limit(value) if value is not None else None
+    def _rate_limit(cls, value: Any) -> Any:
+        if value is False:  # YAML reads a bare `off` as false
+            return "off"
+        return check_rate_limit(value) if isinstance(value, str) else value
 
     @field_validator("rate_limit_key")
     @classmethod
