@@ -3,6 +3,7 @@
 In order, the first that applies:
 1. a policy-file rule's `cache`: `immutable`, `revalidate`, `no-store` or a literal value;
 2. error responses (4xx, 5xx): `no-store`, so a passing failure is never cached;
+   redirects (3xx but 304) are left alone;
 3. paths under `EDGE_API_PATH_PREFIXES` (`/api/`): `no-store`;
 4. fingerprinted assets, whose name carries a content hash (`app.3f9a1c2e.js`,
    `index-B4x9Kq2z.css`): `public, max-age=31536000, immutable`;
@@ -26,10 +27,11 @@ REVALIDATE = b"no-cache"
 NO_STORE = b"no-store"
 NAMED = {"immutable": IMMUTABLE, "revalidate": REVALIDATE, "no-store": NO_STORE}
 
-# A hash of 8+ characters with at least one digit, before a static file's extension. Names
-# without a digit are not taken for hashes: a wrong "immutable" would pin a file for a year.
+# A hash right before a static file's extension: 8+ letters and digits, with at least one of
+# each, after a `.` or `-`. Anything looser pins files such as `logo-2024-dark.png` or
+# `plugin-v2.js` for a year; hashes this misses just get no caching header.
 FINGERPRINTED = re.compile(
-    r"[.-](?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{8,}"
+    r"[.-](?=[A-Za-z]*[0-9])(?=[0-9]*[A-Za-z])[A-Za-z0-9]{8,}"
     r"\.(?:js|mjs|css|map|woff2?|ttf|otf|eot|png|jpe?g|gif|svg|webp|avif|ico|wasm|mp3|ogg|wav|webm|mp4)$"
 )
 
@@ -60,8 +62,9 @@ class CachePolicyMiddleware:
         async def send_with_cache_policy(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = message.get("headers", ())
-                if not any(name == b"cache-control" for name, _ in headers):
-                    value = NO_STORE if message["status"] >= 400 else by_path
+                status = message["status"]
+                if not any(name == b"cache-control" for name, _ in headers) and not _is_redirect(status):
+                    value = NO_STORE if status >= 400 else by_path
                     if value is None and any(
                         name == b"content-type" and content_type.startswith(b"text/html")
                         for name, content_type in headers
@@ -72,3 +75,9 @@ class CachePolicyMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_cache_policy)
+
+
+def _is_redirect(status: int) -> bool:
+    # A redirect is left alone: a temporary one pinned for a year would outlive its target
+    # (a signed storage URL, say), and permanent ones are cacheable by definition.
+    return 300 <= status < 400 and status != 304

@@ -7,7 +7,8 @@ is answered here: 204 with the allow headers, or 403 in the error envelope when 
 origin, method or a requested header is not allowed. An OPTIONS without
 `Access-Control-Request-Method` is an ordinary request and is forwarded. Other requests
 from a disallowed origin are forwarded without CORS headers, so the browser withholds the
-response. A WebSocket upgrade from a disallowed origin is refused: browsers send no
+response. The upstream's own `Access-Control-*` headers are dropped: CORS is decided
+here, once. A WebSocket upgrade from a disallowed origin is refused: browsers send no
 preflight for WebSockets, so this is the only defence against cross-site WebSocket
 hijacking; the edge's own origin is always allowed.
 """
@@ -97,18 +98,21 @@ class CorsMiddleware:
         if origin is not None and request_method is not None and scope["method"] == "OPTIONS":
             await self.preflight(scope, send, origin, request_method, requested_headers)
             return
-        allowed_origin = origin is not None and origin != "null" and self.is_allowed_origin(origin)
-        if not allowed_origin and not self.vary:
-            await self.app(scope, receive, send)
-            return
         added = [*self.vary]
-        if allowed_origin:
-            allow_origin = b"*" if self.allow_any_origin else origin.encode("latin-1")  # type: ignore[union-attr]
+        if origin is not None and origin != "null" and self.is_allowed_origin(origin):
+            allow_origin = b"*" if self.allow_any_origin else origin.encode("latin-1")
             added += [(b"access-control-allow-origin", allow_origin), *self.simple_headers]
 
         async def send_with_cors(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), *added]
+                # The edge is where CORS is decided: an upstream's own CORS headers would
+                # duplicate its answer (browsers then refuse the response) or contradict it.
+                headers = [
+                    header
+                    for header in message.get("headers", ())
+                    if not header[0].startswith(b"access-control-")
+                ]
+                message["headers"] = headers + added
             await send(message)
 
         await self.app(scope, receive, send_with_cors)
