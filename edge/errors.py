@@ -90,7 +90,6 @@ async def deny_websocket(
         await send({"type": "websocket.close", "code": 1008})
         return
     body = error_body(error, request_id_of(scope))
-    await send(
-        {"type": "websocket.http.response.start", "status": error.status, "headers": error_headers(body)}
-    )
+    headers = error_headers(body, extra_headers)
+    await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
     await send({"type": "websocket.http.response.body", "body": body})

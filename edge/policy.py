@@ -75,9 +75,11 @@ def load_policy(path: Path | None) -> Policy:
     if path is None:
         return Policy()
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigurationError(f"EDGE_POLICY_FILE: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(f"EDGE_POLICY_FILE: {path} is not UTF-8 text (byte {exc.start})") from None
     try:
         document: Any = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
@@ -93,13 +95,19 @@ def load_policy(path: Path | None) -> Policy:
 
 
 def path_matcher(pattern: str) -> Callable[[str], bool]:
-    """A prefix (on a segment boundary) or, with `*`, a glob over path segments."""
+    """A prefix (on a segment boundary) or, with `*`, a glob over path segments: `*` is any
+    one segment (or part of one), a `**` segment any number of segments, none included."""
     if "*" not in pattern:
         prefix = pattern.rstrip("/")
         return lambda path: path == prefix or path.startswith(prefix + "/") or (not prefix and path == "/")
-    wildcards = {"**": ".*", "*": "[^/]*"}
-    regex = "".join(wildcards.get(part) or re.escape(part) for part in re.split(r"(\*\*|\*)", pattern))
-    return re.compile(regex).fullmatch  # type: ignore[return-value]
+    regex = ""
+    for segment in pattern.split("/")[1:]:
+        if segment == "**":
+            regex += "(?:/.*)?"
+        else:
+            regex += "/" + "[^/]*".join(re.escape(part) for part in segment.split("*"))
+    compiled = re.compile(regex)
+    return lambda path: compiled.fullmatch(path) is not None
 
 
 class RouteTable(Generic[T]):

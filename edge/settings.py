@@ -101,7 +101,7 @@ class EdgeSettings(BaseSettings):
     rate_limit_strategy: RateLimitStrategy = RateLimitStrategy.moving_window
     rate_limit_key: Annotated[list[str], NoDecode] = ["client"]
     rate_limit_on_store_error: StoreErrorPolicy = StoreErrorPolicy.open
-    rate_limit_store_timeout: float = Field(0.1, gt=0, le=5)
+    rate_limit_store_timeout: float = Field(0.5, gt=0, le=5)
     rate_limit_dry_run: bool = False
     rate_limit_legacy_headers: bool = False
     rate_limit_key_prefix: str = Field("edge", pattern=r"^[A-Za-z0-9:_-]{1,64}$")
@@ -239,12 +239,20 @@ def check_rate_limit(value: str) -> str:
 
 
 def check_rate_limit_key(parts: list[str]) -> list[str]:
+    """Key parts, normalised: `client`, `route`, `header:<lower-case name>`."""
+    normalised = []
     for part in parts:
-        if part not in ("client", "route") and not part.lower().startswith("header:"):
+        kind, _, name = part.partition(":")
+        kind = kind.strip().lower()
+        if kind in ("client", "route") and not name:
+            normalised.append(kind)
+        elif kind == "header" and name.strip():
+            normalised.append(f"header:{name.strip().lower()}")
+        else:
             raise ValueError(f"{part!r} is not a key part: client, route or header:<name>")
-    if not parts:
+    if not normalised:
         raise ValueError("needs at least one part")
-    return parts
+    return normalised
 
 
 def check_cors_origins(origins: list[str], credentials: bool, environment: Environment) -> None:

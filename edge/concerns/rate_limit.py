@@ -333,8 +333,8 @@ def _identifiers(scope: Scope, route: RoutePolicy) -> list[str]:
         if part == "client":
             client = scope.get("client")
             identifiers.append(client[0] if client else "unknown")
-        elif part.startswith("header:"):
-            wanted = part[7:].lower().encode("latin-1")
+        elif part.startswith("header:"):  # normalised to lower case by the settings
+            wanted = part[7:].encode("latin-1")
             identifiers.append(
                 next((value.decode("latin-1") for name, value in scope["headers"] if name == wanted), "")
             )

@@ -1,0 +1,354 @@
+"""The policy file: loading TOML and YAML, refusing invalid files with the place at fault,
+path matching, and the first-rule-that-sets-it lookup each concern uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge.policy import Policy, RouteRule, RouteTable, load_policy, path_matcher
+from edge.settings import ConfigurationError
+
+TOML_POLICY = """
+[[routes]]
+name = "voice-turns"
+path = "/api/v1/sessions/*/turns"
+methods = ["POST"]
+rate_limit = "10/minute;200/day"
+max_body_bytes = 10485760
+
+[[routes]]
+name = "sessions"
+path = "/api/v1/sessions"
+methods = ["post", "Put"]
+rate_limit = "20/hour"
+rate_limit_key = ["client", "header:X-Api-Key"]
+
+[[routes]]
+path = "/assets/**"
+cache = "immutable"
+rate_limit = "off"
+"""
+
+YAML_POLICY = """
+routes:
+  - name: voice-turns
+    path: /api/v1/sessions/*/turns
+    methods: [POST]
+    rate_limit: 10/minute;200/day
+    max_body_bytes: 10485760
+  - name: sessions
+    path: /api/v1/sessions
+    methods: [post, Put]
+    rate_limit: 20/hour
+    rate_limit_key: [client, "header:X-Api-Key"]
+  - path: /assets/**
+    cache: immutable
+    rate_limit: "off"
+"""
+
+EXPECTED = Policy(
+    routes=[
+        RouteRule(
+            name="voice-turns",
+            path="/api/v1/sessions/*/turns",
+            methods=["POST"],
+            rate_limit="10/minute;200/day",
+            max_body_bytes=10485760,
+        ),
+        RouteRule(
+            name="sessions",
+            path="/api/v1/sessions",
+            methods=["POST", "PUT"],
+            rate_limit="20/hour",
+            rate_limit_key=["client", "header:X-Api-Key"],
+        ),
+        RouteRule(path="/assets/**", cache="immutable", rate_limit="off"),
+    ]
+)
+
+
+def write(tmp_path: Path, name: str, text: str | bytes) -> Path:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "text"), [("policy.toml", TOML_POLICY), ("policy.yaml", YAML_POLICY)])
+def test_valid_policy_file_loads_every_rule_in_order(tmp_path: Path, name: str, text: str) -> None:
+    policy = load_policy(write(tmp_path, name, text))
+    assert policy == EXPECTED
+    voice, sessions, assets = policy.routes
+    assert voice.label == "voice-turns"
+    assert voice.methods == ["POST"]
+    assert voice.rate_limit == "10/minute;200/day"
+    assert voice.rate_limit_key is None
+    assert voice.cache is None
+    assert sessions.methods == ["POST", "PUT"]  # methods are upper-cased
+    assert sessions.rate_limit_key == ["client", "header:x-api-key"]  # header names normalised
+    assert assets.label == "/assets/**"  # a rule without a name is labelled by its path
+    assert assets.rate_limit == "off"
+    assert assets.max_body_bytes is None
+
+
+def test_toml_and_yaml_spellings_load_the_same_policy(tmp_path: Path) -> None:
+    assert load_policy(write(tmp_path, "p.toml", TOML_POLICY)) == load_policy(
+        write(tmp_path, "p.yml", YAML_POLICY)
+    )
+
+
+def test_bare_yaml_off_means_off(tmp_path: Path) -> None:
+    # YAML 1.1 reads an unquoted `off` as false; it must still mean "no limit".
+    policy = load_policy(write(tmp_path, "policy.yaml", "routes:\n  - path: /static\n    rate_limit: off\n"))
+    assert policy.routes[0].rate_limit == "off"
+
+
+def test_no_file_and_empty_files_are_empty_policies(tmp_path: Path) -> None:
+    assert load_policy(None) == Policy()
+    assert load_policy(write(tmp_path, "empty.yaml", "")) == Policy()
+    assert load_policy(write(tmp_path, "empty.toml", "")) == Policy()
+    assert load_policy(write(tmp_path, "none.toml", "routes = []\n")).routes == []
+
+
+# -- refusing invalid files ------------------------------------------------------------------------------
+
+
+INVALID = [
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\npath = "/api"\nrate_limit = "10/fortnight"\n',
+        ["routes.0.rate_limit", "10/fortnight"],
+        id="toml-bad-rate-limit",
+    ),
+    pytest.param(
+        "policy.yaml",
+        "routes:\n  - path: /api\n    rate_limit: 10/fortnight\n",
+        ["routes.0.rate_limit", "10/fortnight"],
+        id="yaml-bad-rate-limit",
+    ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\npath = "/ok"\nrate_limit = "5/minute"\n\n'
+        '[[routes]]\npath = "/api"\nrate_limit = "1/eon"\n',
+        ["routes.1.rate_limit", "1/eon"],
+        id="second-rule-at-fault",
+    ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\npath = "/api"\nratelimit = "10/minute"\n',
+        ["routes.0.ratelimit", "Extra inputs are not permitted"],
+        id="unknown-rule-key",
+    ),
+    pytest.param(
+        "policy.yaml",
+        "route:\n  - path: /api\n",
+        ["route", "Extra inputs are not permitted"],
+        id="unknown-top-level-key",
+    ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\npath = "api/v1"\nrate_limit = "10/minute"\n',
+        ["routes.0.path"],
+        id="path-without-leading-slash",
+    ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\nrate_limit = "10/minute"\n',
+        ["routes.0.path", "Field required"],
+        id="path-missing",
+    ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\npath = "/api"\nrate_limit_key = ["cookie:session"]\n',
+        ["routes.0.rate_limit_key", "cookie:session"],
+        id="bad-key-part",
+    ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\nname = "has spaces"\npath = "/api"\n',
+        ["routes.0.name"],
+        id="bad-name",
+    ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\npath = "/api"\nmax_body_bytes = -1\n',
+        ["routes.0.max_body_bytes"],
+        id="negative-body-limit",
+    ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\npath = "/api"\nrate_limit = 10\n',
+        ["routes.0.rate_limit"],
+        id="rate-limit-not-a-string",
+    ),
+    pytest.param(
+        "policy.yaml",
+        "- path: /api\n",
+        ["policy.yaml"],
+        id="yaml-list-instead-of-mapping",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "fragments"), INVALID)
+def test_invalid_policy_names_the_file_and_the_field(
+    tmp_path: Path, name: str, text: str, fragments: list[str]
+) -> None:
+    path = write(tmp_path, name, text)
+    with pytest.raises(ConfigurationError) as raised:
+        load_policy(path)
+    message = str(raised.value)
+    assert message.startswith("EDGE_POLICY_FILE: "), message
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_bad_yaml_syntax_is_a_configuration_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "policy.yaml", "routes:\n  - path: /api\n    methods: [GET\n")
+    with pytest.raises(ConfigurationError) as raised:
+        load_policy(path)
+    message = str(raised.value)
+    assert message.startswith(f"EDGE_POLICY_FILE: {path} is not valid yaml"), message
+
+
+def test_bad_toml_syntax_is_a_configuration_error(tmp_path: Path) -> None:
+    path = write(tmp_path, "policy.toml", '[[routes]\npath = "/api"\n')
+    with pytest.raises(ConfigurationError) as raised:
+        load_policy(path)
+    assert str(raised.value).startswith(f"EDGE_POLICY_FILE: {path} is not valid toml"), str(raised.value)
+
+
+def test_missing_file_is_a_configuration_error(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.toml"
+    with pytest.raises(ConfigurationError) as raised:
+        load_policy(path)
+    message = str(raised.value)
+    assert message.startswith("EDGE_POLICY_FILE: cannot read"), message
+    assert str(path) in message
+
+
+def test_file_that_is_not_text_is_a_configuration_error(tmp_path: Path) -> None:
+    # A binary or Latin-1 file must stop the start-up with the file named, like any other
+    # unreadable file, not with a traceback.
+    path = write(tmp_path, "policy.yaml", b"routes:\n  - path: /caf\xe9\n")
+    with pytest.raises(ConfigurationError) as raised:
+        load_policy(path)
+    assert str(path) in str(raised.value)
+
+
+# -- path matching --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "matches"),
+    [
+        # A prefix, on a segment boundary.
+        ("/api", "/api", True),
+        ("/api", "/api/", True),
+        ("/api", "/api/x", True),
+        ("/api", "/api/x/y", True),
+        ("/api", "/apix", False),
+        ("/api", "/ap", False),
+        ("/api", "/other/api", False),
+        ("/api/", "/api", True),
+        ("/api/", "/api/x", True),
+        ("/api/", "/apix", False),
+        ("/", "/", True),
+        ("/", "/anything/at/all", True),
+        # `*`: exactly one segment, the whole path matched.
+        ("/a/*/c", "/a/b/c", True),
+        ("/a/*/c", "/a/b/x/c", False),
+        ("/a/*/c", "/a/c", False),
+        ("/a/*/c", "/a/b/c/d", False),
+        ("/a/*", "/a/b", True),
+        ("/a/*", "/a/b/c", False),
+        ("/files/*.png", "/files/x.png", True),
+        ("/files/*.png", "/files/x/y.png", False),
+        ("/files/*.png", "/files/x.gif", False),
+        # `**`: any depth.
+        ("/a/**", "/a/b", True),
+        ("/a/**", "/a/b/c/d", True),
+        ("/a/**", "/ab/c", False),
+        ("/a/**/z", "/a/b/z", True),
+        ("/a/**/z", "/a/b/c/d/z", True),
+        ("/a/**/z", "/a/b/z/q", False),
+        ("/a/**/z", "/a/z", True),  # "any number" of segments includes none
+        # Everything but the wildcards is literal.
+        ("/v1.0/*", "/v1.0/x", True),
+        ("/v1.0/*", "/v1x0/x", False),
+        ("/a+b/*", "/a+b/x", True),
+        ("/a+b/*", "/aab/x", False),
+    ],
+)
+def test_path_matcher(pattern: str, path: str, matches: bool) -> None:
+    assert bool(path_matcher(pattern)(path)) is matches
+
+
+# -- the first rule that sets the value ---------------------------------------------------------------------
+
+
+def table_policy() -> Policy:
+    return Policy(
+        routes=[
+            RouteRule(path="/api", cache="no-store"),
+            RouteRule(name="turns", path="/api/v1/sessions/*/turns", methods=["post"], rate_limit="2/minute"),
+            RouteRule(name="api", path="/api", rate_limit="50/minute"),
+            RouteRule(name="v1", path="/api/v1", rate_limit="1/minute"),
+            RouteRule(name="uploads", path="/uploads/**", methods=["PUT", "POST"], rate_limit="5/minute"),
+        ]
+    )
+
+
+def test_lookup_returns_the_first_matching_rule_that_sets_the_value() -> None:
+    policy = table_policy()
+    cache_rule, turns, api, v1, uploads = policy.routes
+    limits = RouteTable.from_policy(policy, "default", lambda rule: rule.rate_limit)
+
+    assert limits.lookup("POST", "/api/v1/sessions/abc/turns") == ("2/minute", turns)
+    # The turns rule is for POST only; the next rule that sets a limit wins.
+    assert limits.lookup("GET", "/api/v1/sessions/abc/turns") == ("50/minute", api)
+    # File order, not the most specific path: /api comes before /api/v1.
+    assert limits.lookup("GET", "/api/v1/other") == ("50/minute", api)
+    # The cache-only rule matches too but sets no limit, so it is skipped.
+    assert limits.lookup("GET", "/api") == ("50/minute", api)
+    assert limits.lookup("PUT", "/uploads/a/b") == ("5/minute", uploads)
+    assert limits.lookup("GET", "/uploads/a/b") == ("default", None)
+    assert limits.lookup("GET", "/apix") == ("default", None)
+    assert limits.lookup("GET", "/") == ("default", None)
+    assert v1 not in [limits.lookup(method, "/api/v1")[1] for method in ("GET", "POST", "PUT")]
+    assert bool(limits)
+
+    caching = RouteTable.from_policy(policy, None, lambda rule: rule.cache)
+    assert caching.lookup("GET", "/api/v1/sessions/abc/turns") == ("no-store", cache_rule)
+    assert caching.lookup("GET", "/elsewhere") == (None, None)
+
+
+def test_lookup_with_no_rule_setting_the_value_is_the_default() -> None:
+    table = RouteTable.from_policy(table_policy(), 1024, lambda rule: rule.max_body_bytes)
+    assert not table
+    assert table.lookup("POST", "/api/v1/sessions/abc/turns") == (1024, None)
+    assert RouteTable.from_policy(Policy(), "x", lambda rule: rule.rate_limit).lookup("GET", "/") == (
+        "x",
+        None,
+    )
+
+
+def test_methods_from_a_file_are_matched_whatever_their_case(tmp_path: Path) -> None:
+    policy = load_policy(
+        write(
+            tmp_path,
+            "policy.yaml",
+            "routes:\n  - path: /api\n    methods: [post]\n    rate_limit: 1/second\n",
+        )
+    )
+    table = RouteTable.from_policy(policy, "default", lambda rule: rule.rate_limit)
+    assert table.lookup("POST", "/api/x") == ("1/second", policy.routes[0])
+    assert table.lookup("GET", "/api/x") == ("default", None)
