@@ -16,7 +16,6 @@ WebSocket sessions are accepted and echo text.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,10 +24,10 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
-import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from tests.servers import ServerThread
+from tests.servers import ServerThread, serve
+from tests.wire import WireClient
 
 APP_ORIGIN = "https://app.example.com"
 EVIL_ORIGIN = "https://evil.example.org"
@@ -119,17 +118,7 @@ class ScriptedUpstream:
 
 def start_scripted_upstream() -> tuple[ServerThread, ScriptedUpstream]:
     app = ScriptedUpstream()
-    config = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        server_header=False,
-    )
-    return ServerThread(config).start(), app
+    return serve(app), app
 
 
 # -- a raw HTTP/1.1 client ------------------------------------------------------------------------
@@ -148,62 +137,15 @@ class RawResponse:
         return json.loads(self.body)
 
 
-class RawConnection:
-    """Exact bytes out; responses parsed from exactly what came back."""
+class RawConnection(WireClient):
+    """The wire client with headers as lower-cased text, as these suites compare them."""
 
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buffer = b""
-
-    def __enter__(self) -> RawConnection:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> None:
-        data = self.sock.recv(65536)
-        if not data:
-            raise EOFError(f"connection closed; unparsed bytes: {self.buffer[:200]!r}")
-        self.buffer += data
-
-    def read_response(self) -> RawResponse:
-        """One response (an interim 1xx included); bodies framed by Content-Length only."""
-        while b"\r\n\r\n" not in self.buffer:
-            self._fill()
-        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        assert status_line.startswith("HTTP/1.1 "), f"not a status line: {status_line!r}"
-        headers = []
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers.append((name.strip().lower(), value.strip()))
-        response = RawResponse(int(status_line.split(" ")[1]), headers, b"")
-        if response.status < 200 or response.status in (204, 304):
-            return response
-        lengths = response.values("content-length")
-        assert lengths, f"only Content-Length framing is expected here; got {headers}"
-        size = int(lengths[0])
-        while len(self.buffer) < size:
-            self._fill()
-        response.body, self.buffer = self.buffer[:size], self.buffer[size:]
-        return response
-
-    def closed_by_peer(self, wait: float = 2.0) -> bool:
-        """True if the peer closes the connection (FIN or RST) within `wait` seconds with
-        nothing more to say."""
-        self.sock.settimeout(wait)
-        try:
-            data = self.sock.recv(65536)
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
-        self.buffer += data
-        return not data
+    def read_response(self, *, head_request: bool = False) -> RawResponse:  # type: ignore[override]
+        response = super().read_response(head_request=head_request)
+        headers = [
+            (name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in response.headers
+        ]
+        return RawResponse(response.status, headers, response.body)
 
 
 def request_head(method: str, path: str, headers: list[tuple[str, str]]) -> bytes:

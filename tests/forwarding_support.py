@@ -18,10 +18,9 @@ import hashlib
 import json
 import threading
 
-import uvicorn
 from starlette.types import Receive, Scope, Send
 
-from tests.servers import ServerThread
+from tests.servers import ServerThread, serve
 
 RELEASE_TIMEOUT = 4.0
 TRICKLE_FIRST = b"first\n"
@@ -77,12 +76,4 @@ class GateUpstream:
 
 def start_gate_upstream() -> tuple[ServerThread, GateUpstream]:
     app = GateUpstream()
-    config = uvicorn.Config(
-        app,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-    )
-    return ServerThread(config).start(), app
+    return serve(app), app

@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -300,69 +294,3 @@ def isolated_redis_keys() -> Iterator[tuple[str, redis.Redis]]:
 
 def keys_under(client: redis.Redis, prefix: str) -> list[str]:
     return sorted(key.decode() for key in client.scan_iter(match=f"{prefix}:*", count=1000))
-
-
-# -- `python -m edge` in a process of its own ----------------------------------------------------------
-
-
-@dataclass
-class EdgeProcess:
-    process: subprocess.Popen[bytes]
-    port: int
-    stdout_path: Path
-    stderr_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return f"stdout:\n{self.stdout_path.read_text()}\nstderr:\n{self.stderr_path.read_text()}"
-
-
-def start_edge_process(tmp_path: Path, port: int, env: dict[str, str]) -> EdgeProcess:
-    full_env = {
-        **os.environ,
-        "EDGE_HOST": "127.0.0.1",
-        "EDGE_PORT": str(port),
-        "PYTHONUNBUFFERED": "1",
-        **env,
-    }
-    stdout_path = tmp_path / f"edge-{port}.stdout"
-    stderr_path = tmp_path / f"edge-{port}.stderr"
-    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "edge"], cwd=PROJECT_ROOT, env=full_env, stdout=out, stderr=err
-        )
-    return EdgeProcess(process, port, stdout_path, stderr_path)
-
-
-def wait_until_ready(edge: EdgeProcess, timeout: float = 15.0) -> httpx.Response:
-    """Polls `/_edge/ready` until it answers 200; fails with the process's output if not."""
-    deadline = time.monotonic() + timeout
-    last: httpx.Response | None = None
-    with httpx.Client(trust_env=False, timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            if edge.process.poll() is not None:
-                raise AssertionError(f"the edge exited with {edge.process.returncode}:\n{edge.output()}")
-            try:
-                last = client.get(f"{edge.url}/_edge/ready")
-                if last.status_code == 200:
-                    return last
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-    shown = last.text if last is not None else "no answer"
-    raise AssertionError(f"/_edge/ready not 200 within {timeout} s ({shown}):\n{edge.output()}")
-
-
-def stop_edge_process(edge: EdgeProcess, timeout: float = 15.0) -> int:
-    """SIGTERM, then the exit status; killed if it outlives `timeout`."""
-    if edge.process.poll() is None:
-        edge.process.send_signal(signal.SIGTERM)
-    try:
-        return edge.process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        edge.process.kill()
-        edge.process.wait(timeout=5)
-        raise AssertionError(f"the edge ignored SIGTERM for {timeout} s:\n{edge.output()}") from None

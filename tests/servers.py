@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import uvicorn
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge.app import build_app
 from edge.policy import Policy
@@ -317,20 +317,28 @@ class UpstreamApp:
                 await send({"type": "websocket.send", "bytes": message.get("bytes")})
 
 
-def start_upstream() -> tuple[ServerThread, UpstreamApp]:
-    app = UpstreamApp()
+def serve(app: ASGIApp, **options: Any) -> ServerThread:
+    """A test server for `app` on loopback, started: uvloop and httptools as in production,
+    quiet, and with no `server` header of its own unless `options` say otherwise."""
     config = uvicorn.Config(
         app,
-        loop="uvloop",
-        http="httptools",
-        ws="websockets-sansio",
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        server_header=False,
-        timeout_keep_alive=30,
+        **{
+            "loop": "uvloop",
+            "http": "httptools",
+            "ws": "websockets-sansio",
+            "log_level": "warning",
+            "access_log": False,
+            "lifespan": "off",
+            "server_header": False,
+            **options,
+        },
     )
-    return ServerThread(config).start(), app
+    return ServerThread(config).start()
+
+
+def start_upstream() -> tuple[ServerThread, UpstreamApp]:
+    app = UpstreamApp()
+    return serve(app, lifespan="on", timeout_keep_alive=30), app
 
 
 # -- the upstream that breaks HTTP on purpose -------------------------------------------------------

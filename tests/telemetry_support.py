@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import uvicorn
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -32,7 +31,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from starlette.types import Receive, Scope, Send
 
 from edge.logs import JsonFormatter
-from tests.servers import ServerThread
+from tests.servers import ServerThread, serve
 
 # -- W3C trace context ----------------------------------------------------------------------------------
 
@@ -203,16 +202,7 @@ class OtlpCollector:
 
 def start_collector() -> tuple[ServerThread, OtlpCollector]:
     collector = OtlpCollector()
-    config = uvicorn.Config(
-        collector,
-        loop="uvloop",
-        http="httptools",
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-    )
-    return ServerThread(config).start(), collector
+    return serve(collector, log_config=None), collector
 
 
 # -- log lines as the edge writes them ---------------------------------------------------------------------

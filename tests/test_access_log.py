@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,10 +25,10 @@ import httpx
 import pytest
 
 from edge.logs import JsonFormatter
+from tests.edge_process import edge_process
 from tests.servers import RawUpstream, RunningEdge, ServerThread, UpstreamApp, closed_port, running_edge
 from tests.telemetry_support import LineCapture, capture_edge_logs, upstream_traceparent
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ISO_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 ACCESS_FIELDS = {
     "time",
@@ -342,59 +338,31 @@ def test_json_formatter_keeps_extra_fields_and_exception_text() -> None:
 
 def test_log_level_warning_writes_no_info_lines(tmp_path: Path, raw_upstream: RawUpstream) -> None:
     port = closed_port()
-    stdout_path = tmp_path / "edge.stdout"
-    env = {
-        **os.environ,
-        "EDGE_HOST": "127.0.0.1",
-        "EDGE_PORT": str(port),
-        "EDGE_UPSTREAM_URL": raw_upstream.url,
-        "EDGE_LOG_LEVEL": "warning",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = {"EDGE_PORT": str(port), "EDGE_UPSTREAM_URL": raw_upstream.url, "EDGE_LOG_LEVEL": "warning"}
     request_id = f"warn-{uuid.uuid4().hex}"
-    stderr_path = tmp_path / "edge.stderr"
-    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "edge"], cwd=PROJECT_ROOT, env=env, stdout=out, stderr=err
-        )
-    try:
-        deadline = time.monotonic() + 15
-        with httpx.Client(trust_env=False, timeout=5.0) as client:
-            while True:
-                assert process.poll() is None, f"the edge exited at start-up: {stderr_path.read_text()}"
-                assert time.monotonic() < deadline, "the edge did not start"
-                try:
-                    if client.get(f"http://127.0.0.1:{port}/_edge/live").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.05)
-            assert client.get(f"http://127.0.0.1:{port}/ok").status_code == 200  # an info access line
-            # And a warning, which must get through: the proxy's line for a response cut short.
-            with (
-                client.stream(
-                    "GET", f"http://127.0.0.1:{port}/die-mid-body", headers={"x-request-id": request_id}
-                ) as response,
-                pytest.raises(httpx.TransportError),
-            ):
-                response.read()
+    with edge_process(tmp_path, port, env) as edge, httpx.Client(trust_env=False, timeout=5.0) as client:
+        assert client.get(f"{edge.url}/ok").status_code == 200  # an info access line
+        # And a warning, which must get through: the proxy's line for a response cut short.
+        with (
+            client.stream(
+                "GET", f"{edge.url}/die-mid-body", headers={"x-request-id": request_id}
+            ) as response,
+            pytest.raises(httpx.TransportError),
+        ):
+            response.read()
         time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=15)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+        status = edge.stop()
+        stdout, stderr = edge.stdout(), edge.stderr()
 
     entries = []
-    for line in stdout_path.read_text().splitlines():
+    for line in stdout.splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             pytest.fail(f"a stdout line is not JSON: {line!r}")
         assert isinstance(entry, dict), line
         entries.append(entry)
-    assert process.returncode == 0, stderr_path.read_text()
+    assert status == 0, stderr
     assert [entry for entry in entries if entry["level"] in ("info", "debug")] == []
     warnings = [entry for entry in entries if entry.get("request_id") == request_id]
     assert [(entry["level"], entry["logger"]) for entry in warnings] == [("warning", "edge.proxy")]

@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -24,33 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.edge_process import children_of, edge_process
 from tests.servers import ServerThread, UpstreamApp, closed_port
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 15.0
-
-
-@dataclass
-class EdgeProcess:
-    process: subprocess.Popen[bytes]
-    port: int
-    stdout_path: Path
-    stderr_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def terminate(self) -> float:
-        """Sends SIGTERM; returns when it was sent."""
-        self.process.send_signal(signal.SIGTERM)
-        return time.monotonic()
 
 
 @dataclass
@@ -91,47 +62,6 @@ def upstream_url(upstream_server: tuple[ServerThread, UpstreamApp]) -> str:
     return upstream_server[0].url
 
 
-@contextmanager
-def edge_process(tmp_path: Path, env: dict[str, str], port: int) -> Iterator[EdgeProcess]:
-    """Runs `python -m edge` with `env` on top of the (cleaned) test environment."""
-    full_env = {**os.environ, "EDGE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1", **env}
-    stdout_path = tmp_path / f"edge-{port}.stdout"
-    stderr_path = tmp_path / f"edge-{port}.stderr"
-    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "edge"],
-            cwd=PROJECT_ROOT,
-            env=full_env,
-            stdout=out,
-            stderr=err,
-        )
-    running = EdgeProcess(process, port, stdout_path, stderr_path)
-    try:
-        wait_until_live(running)
-        yield running
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-        for child in children_of(process.pid):
-            os.kill(child, signal.SIGKILL)
-
-
-def wait_until_live(edge: EdgeProcess) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    with httpx.Client(trust_env=False, timeout=1.0) as client:
-        while time.monotonic() < deadline:
-            if edge.process.poll() is not None:
-                pytest.fail(f"the edge exited with {edge.process.returncode} at start-up:\n{edge.stderr()}")
-            try:
-                if client.get(f"{edge.url}/_edge/live").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-    pytest.fail(f"the edge did not answer /_edge/live within {START_TIMEOUT} s:\n{edge.stderr()}")
-
-
 def wait_for_upstream_request(upstream: UpstreamApp, path: bytes, seen_before: int) -> None:
     deadline = time.monotonic() + 5
     while sum(1 for p in upstream.record.paths() if p == path) <= seen_before:
@@ -149,24 +79,6 @@ def accepts_connections(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def children_of(pid: int) -> list[int]:
-    """Live processes whose parent is `pid` (Linux /proc)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name (field 2) may hold spaces: the fields after it start after ')'.
-        fields = stat.rsplit(")", 1)[1].split()
-        state, parent = fields[0], int(fields[1])
-        if parent == pid and state != "Z":
-            children.append(int(entry.name))
-    return children
 
 
 def process_gone(pid: int) -> bool:
@@ -199,7 +111,7 @@ def test_sigterm_drains_in_flight_request_and_refuses_new_connections(
 ) -> None:
     port = closed_port()
     env = {"EDGE_UPSTREAM_URL": upstream_url, "EDGE_PORT": str(port), "EDGE_DRAIN_TIMEOUT": "10"}
-    with edge_process(tmp_path, env, port) as edge:
+    with edge_process(tmp_path, port, env) as edge:
         seen = slow_requests_seen(upstream)
         started = time.monotonic()
         request = BackgroundRequest(f"{edge.url}/slow?delay=1.5")
@@ -232,7 +144,7 @@ def test_sigterm_drains_in_flight_request_and_refuses_new_connections(
 def test_drain_timeout_bounds_the_shutdown(tmp_path: Path, upstream_url: str, upstream: UpstreamApp) -> None:
     port = closed_port()
     env = {"EDGE_UPSTREAM_URL": upstream_url, "EDGE_PORT": str(port), "EDGE_DRAIN_TIMEOUT": "1"}
-    with edge_process(tmp_path, env, port) as edge:
+    with edge_process(tmp_path, port, env) as edge:
         seen = slow_requests_seen(upstream)
         disconnects_before = len(upstream.record.disconnects)
         request = BackgroundRequest(f"{edge.url}/slow?delay=10")
@@ -265,7 +177,7 @@ def test_drain_timeout_bounds_the_shutdown(tmp_path: Path, upstream_url: str, up
 def test_logs_are_json_lines_on_stdout(tmp_path: Path, upstream_url: str) -> None:
     port = closed_port()
     env = {"EDGE_UPSTREAM_URL": upstream_url, "EDGE_PORT": str(port), "EDGE_DRAIN_TIMEOUT": "2"}
-    with edge_process(tmp_path, env, port) as edge:
+    with edge_process(tmp_path, port, env) as edge:
         with httpx.Client(trust_env=False, timeout=5) as client:
             assert client.get(f"{edge.url}/echo").status_code == 200
         edge.terminate()
@@ -297,7 +209,7 @@ def test_two_workers_serve_and_stop_on_sigterm(tmp_path: Path, upstream_url: str
         "EDGE_WORKERS": "2",
         "EDGE_DRAIN_TIMEOUT": "2",
     }
-    with edge_process(tmp_path, env, port) as edge:
+    with edge_process(tmp_path, port, env) as edge:
         with httpx.Client(trust_env=False, timeout=5) as client:
             for _ in range(10):
                 response = client.get(f"{edge.url}/echo", headers={"connection": "close"})
@@ -325,7 +237,7 @@ def test_platform_port_is_used_when_edge_port_is_unset(tmp_path: Path, upstream_
     port = closed_port()
     env = {"EDGE_UPSTREAM_URL": upstream_url, "PORT": str(port), "EDGE_DRAIN_TIMEOUT": "2"}
     assert "EDGE_PORT" not in os.environ
-    with edge_process(tmp_path, env, port) as edge:
+    with edge_process(tmp_path, port, env) as edge:
         with httpx.Client(trust_env=False, timeout=5) as client:
             assert client.get(f"{edge.url}/echo").status_code == 200
         edge.terminate()

@@ -21,18 +21,15 @@ import httpx
 import pytest
 
 from edge.policy import Policy, RouteRule
+from tests.edge_process import EdgeProcess, start_edge_process
 from tests.rate_limit_support import (
     REDIS_URL,
-    EdgeProcess,
     collect_records,
     isolated_redis_keys,
     keys_under,
     quotas,
     remaining_and_reset,
     silent_server,
-    start_edge_process,
-    stop_edge_process,
-    wait_until_ready,
 )
 from tests.servers import ServerThread, UpstreamApp, closed_port, running_edge
 
@@ -272,10 +269,10 @@ def test_two_edge_processes_sharing_redis_admit_exactly_the_limit(
         }
         edges: list[EdgeProcess] = []
         try:
-            for _ in range(2):
-                edges.append(start_edge_process(tmp_path, closed_port(), env))
+            for port in (closed_port(), closed_port()):
+                edges.append(start_edge_process(tmp_path, port, {**env, "EDGE_PORT": str(port)}))
             for edge in edges:
-                ready = wait_until_ready(edge)
+                ready = edge.wait_until("/_edge/ready")
                 assert ready.json()["checks"]["rate_limit_store"] == "up", ready.text
 
             def send(number: int) -> httpx.Response:
@@ -287,7 +284,7 @@ def test_two_edge_processes_sharing_redis_admit_exactly_the_limit(
                 responses = list(pool.map(send, range(total)))
             window_entries = [redis_client.llen(key) for key in keys_under(redis_client, prefix)]
         finally:
-            exit_statuses = [stop_edge_process(edge) for edge in edges]
+            exit_statuses = [edge.stop() for edge in edges]
         outputs = [edge.output() for edge in edges]
 
     statuses = Counter(response.status_code for response in responses)

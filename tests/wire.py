@@ -1,0 +1,124 @@
+"""A raw HTTP/1.1 client for the tests: exact bytes out, responses parsed from exactly what
+came back (Content-Length, chunked or close-delimited), so nothing a library normalises
+hides what the edge sent."""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any, Self
+
+
+@dataclass
+class WireResponse:
+    status: int
+    head: bytes
+    headers: list[tuple[bytes, bytes]]  # names exactly as they came off the wire
+    body: bytes
+
+    def values(self, name: str) -> list[bytes]:
+        wanted = name.encode("ascii").lower()
+        return [value for key, value in self.headers if key.lower() == wanted]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class WireClient:
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.timeout = timeout
+        self.buffer = b""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError(f"connection closed; unparsed bytes: {self.buffer[:200]!r}")
+        self.buffer += data
+
+    def _read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buffer:
+            self._fill()
+        data, _, self.buffer = self.buffer.partition(marker)
+        return data
+
+    def _read_exactly(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self._fill()
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def _read_to_close(self) -> bytes:
+        while True:
+            try:
+                self._fill()
+            except EOFError:
+                break
+        data, self.buffer = self.buffer, b""
+        return data
+
+    def read_response(self, *, head_request: bool = False) -> WireResponse:
+        head = self._read_until(b"\r\n\r\n")
+        status_line, *lines = head.split(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 "), f"not a status line: {status_line[:200]!r}"
+        status = int(status_line.split(b" ")[1])
+        headers = []
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            assert colon, f"not a header line: {line!r}"
+            headers.append((name, value.strip()))
+        response = WireResponse(status, head, headers, b"")
+        if head_request or status in (204, 304) or 100 <= status < 200:
+            return response
+        if b"chunked" in b",".join(response.values("transfer-encoding")).lower():
+            parts = []
+            while True:
+                size = int(self._read_until(b"\r\n").split(b";")[0], 16)
+                if size == 0:
+                    while self._read_until(b"\r\n"):
+                        pass  # trailer fields, up to the empty line
+                    break
+                parts.append(self._read_exactly(size))
+                assert self._read_exactly(2) == b"\r\n"
+            response.body = b"".join(parts)
+        elif response.values("content-length"):
+            response.body = self._read_exactly(int(response.values("content-length")[0]))
+        else:
+            response.body = self._read_to_close()
+        return response
+
+    def unexpected_bytes(self, wait: float = 0.3) -> bytes:
+        """Whatever arrives within `wait` seconds when nothing is owed."""
+        self.sock.settimeout(wait)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            data = b""
+        finally:
+            self.sock.settimeout(self.timeout)
+        return self.buffer + data
+
+    def closed_by_peer(self, wait: float = 2.0) -> bool:
+        """True if the peer closes the connection (FIN or RST) within `wait` seconds with
+        nothing more to say."""
+        self.sock.settimeout(wait)
+        try:
+            data = self.sock.recv(65536)
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self.sock.settimeout(self.timeout)
+        self.buffer += data
+        return not data
