@@ -67,6 +67,8 @@ class CorsMiddleware:
         origin = origin.lower()
         if origin in self.exact_origins:
             return True
+        if not self.subdomain_patterns:
+            return False
         parts = urlsplit(origin)
         host = parts.hostname or ""
         return any(
