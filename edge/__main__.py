@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from common.settings import ConfigurationError
 from edge.policy import load_policy
 from edge.server import serve
-from edge.settings import ConfigurationError, load_settings
+from edge.settings import load_settings
 
 
 def main() -> int:

@@ -20,6 +20,8 @@ from starlette.responses import Response
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common.settings import Environment
+from common.telemetry import configure_telemetry
 from edge import errors
 from edge.concerns.access_log import AccessLogMiddleware
 from edge.concerns.cache_policy import CachePolicyMiddleware, cache_control_value
@@ -40,8 +42,7 @@ from edge.health import health_routes
 from edge.policy import Policy, RouteTable, load_policy
 from edge.proxy import Proxy
 from edge.proxy.ingress import IngressMiddleware
-from edge.settings import EdgeSettings, Environment, load_settings
-from edge.telemetry import configure_telemetry
+from edge.settings import EdgeSettings, load_settings
 
 EDGE_PATH = "/_edge"
 

@@ -6,12 +6,12 @@ internal app uses, so a client handles one format whoever answered.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from starlette.types import Scope, Send
 
+from common.envelope import envelope
 from edge.proxy.headers import Headers
 
 
@@ -54,8 +54,7 @@ def request_id_of(scope: Scope) -> str | None:
 
 
 def error_body(error: EdgeError, request_id: str | None) -> bytes:
-    envelope = {"error": {"code": error.code, "message": error.message, "request_id": request_id}}
-    return json.dumps(envelope, separators=(",", ":")).encode()
+    return envelope(error.code, error.message, request_id)
 
 
 def error_headers(body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> Headers:

@@ -26,7 +26,8 @@ from typing import Any, Generic, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge.settings import ConfigurationError, check_rate_limit, check_rate_limit_key
+from common.settings import ConfigurationError
+from edge.settings import check_rate_limit, check_rate_limit_key
 
 T = TypeVar("T")
 

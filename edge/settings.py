@@ -6,23 +6,18 @@ Every setting is documented in docs/configuration.md (a test keeps the two in sy
 from __future__ import annotations
 
 import ipaddress
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from common.settings import Environment, LogLevel, OtelSettings, load, split_comma_list
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-class Environment(StrEnum):
-    development = "development"
-    staging = "staging"
-    production = "production"
 
 
 class RateLimitStrategy(StrEnum):
@@ -36,35 +31,10 @@ class StoreErrorPolicy(StrEnum):
     closed = "closed"
 
 
-class Sampler(StrEnum):
-    """The OpenTelemetry sampler names of OTEL_TRACES_SAMPLER."""
-
-    always_on = "always_on"
-    always_off = "always_off"
-    traceidratio = "traceidratio"
-    parentbased_always_on = "parentbased_always_on"
-    parentbased_always_off = "parentbased_always_off"
-    parentbased_traceidratio = "parentbased_traceidratio"
-
-
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
 
 
-class LogLevel(StrEnum):
-    debug = "debug"
-    info = "info"
-    warning = "warning"
-    error = "error"
-
-
-def split_comma_list(value: Any) -> Any:
-    """Every list setting is comma-separated in the environment: `a,b,c`."""
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
-
-
-class EdgeSettings(BaseSettings):
+class EdgeSettings(OtelSettings):
     model_config = SettingsConfigDict(env_prefix="EDGE_", frozen=True, extra="ignore", populate_by_name=True)
 
     environment: Environment = Field(Environment.development, validation_alias=AliasChoices("ENVIRONMENT"))
@@ -110,21 +80,6 @@ class EdgeSettings(BaseSettings):
     hsts_max_age: int = Field(63072000, ge=31536000)
 
     otel_service_name: str = Field("edge", validation_alias=AliasChoices("OTEL_SERVICE_NAME"))
-    otel_exporter_otlp_endpoint: str | None = Field(
-        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
-    otel_exporter_otlp_traces_endpoint: str | None = Field(
-        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
-    otel_exporter_otlp_metrics_endpoint: str | None = Field(
-        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
-    )
-    otel_traces_sampler: Sampler = Field(
-        Sampler.parentbased_traceidratio, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER")
-    )
-    otel_traces_sampler_arg: float = Field(
-        1.0, ge=0, le=1, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER_ARG")
-    )
 
     api_path_prefixes: Annotated[list[str], NoDecode] = ["/api/"]
     max_body_bytes: int = Field(1024 * 1024, ge=1)
@@ -178,25 +133,6 @@ class EdgeSettings(BaseSettings):
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
         return split_comma_list(value)
-
-    @field_validator(
-        "otel_exporter_otlp_endpoint",
-        "otel_exporter_otlp_traces_endpoint",
-        "otel_exporter_otlp_metrics_endpoint",
-    )
-    @classmethod
-    def _otlp_endpoint(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("http", "https"):
-            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
-        return value or None
-
-    @property
-    def traces_export_enabled(self) -> bool:
-        return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint)
-
-    @property
-    def metrics_export_enabled(self) -> bool:
-        return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_metrics_endpoint)
 
     @field_validator("cors_allow_methods")
     @classmethod
@@ -283,39 +219,5 @@ def check_cors_origins(origins: list[str], credentials: bool, environment: Envir
             )
 
 
-class ConfigurationError(Exception):
-    """Raised at start-up with a message an operator can act on."""
-
-
-def environment_variable(settings_class: type[BaseSettings], location: str) -> str:
-    """The variable an operator set for a field, as named in docs/configuration.md."""
-    prefix = settings_class.model_config.get("env_prefix", "")
-    for name, field in settings_class.model_fields.items():
-        choices = field.validation_alias.choices if isinstance(field.validation_alias, AliasChoices) else []
-        if location == name or location in choices:
-            if not choices:
-                return f"{prefix}{name}".upper()
-            names = [str(choice) for choice in choices]
-            return next((choice for choice in names if choice in os.environ), names[0])
-    return location.upper()
-
-
-def describe_validation_error(settings_class: type[BaseSettings], error: ValidationError) -> str:
-    lines: dict[str, str] = {}
-    for problem in error.errors():
-        message = problem["msg"].removeprefix("Value error, ")
-        if not problem["loc"]:  # a rule across settings: its message names them
-            lines.setdefault(message, f"  {message}")
-            continue
-        variable = environment_variable(settings_class, str(problem["loc"][0]))
-        value = problem.get("input")
-        shown = f" (got {value!r})" if isinstance(value, str | int | float) else ""
-        lines.setdefault(variable, f"  {variable}: {message}{shown}")
-    return "invalid configuration:\n" + "\n".join(lines.values())
-
-
 def load_settings() -> EdgeSettings:
-    try:
-        return EdgeSettings()
-    except ValidationError as error:
-        raise ConfigurationError(describe_validation_error(EdgeSettings, error)) from None
+    return load(EdgeSettings)

@@ -30,7 +30,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from starlette.types import Receive, Scope, Send
 
-from edge.logs import JsonFormatter
+from common.logs import JsonFormatter
 from tests.servers import ServerThread, serve
 
 # -- W3C trace context ----------------------------------------------------------------------------------

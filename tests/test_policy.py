@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from common.settings import ConfigurationError
 from edge.policy import Policy, RouteRule, RouteTable, load_policy, path_matcher
-from edge.settings import ConfigurationError
 
 TOML_POLICY = """
 [[routes]]

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.settings import EdgeSettings, Environment
+from common.settings import Environment
+from edge.settings import EdgeSettings
 from tests.servers import closed_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

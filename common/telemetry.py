@@ -1,6 +1,6 @@
-"""OpenTelemetry for the edge: trace context always (ids for propagation and logs), span
-recording and export only when an OTLP endpoint is configured by the standard `OTEL_*`
-variables."""
+"""OpenTelemetry for a process of the project: trace context always (ids for propagation
+and logs), span recording and export only when an OTLP endpoint is configured by the
+standard `OTEL_*` variables."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.util.types import Attributes
 
-from edge.settings import EdgeSettings
-from edge.settings import Sampler as SamplerName
+from common.settings import OtelSettings
+from common.settings import Sampler as SamplerName
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def sampler(name: SamplerName, ratio: float) -> Sampler:
     return ParentBased(root) if name.startswith("parentbased_") else root
 
 
-def configure_telemetry(settings: EdgeSettings) -> Telemetry:
+def configure_telemetry(settings: OtelSettings) -> Telemetry:
     # The providers are the edge's own, not the process-wide globals: tests run several.
     resource = Resource.create({"service.name": settings.otel_service_name})
     span_sampler = sampler(settings.otel_traces_sampler, settings.otel_traces_sampler_arg)
@@ -125,12 +125,12 @@ def configure_telemetry(settings: EdgeSettings) -> Telemetry:
         tracer_provider = TracerProvider(sampler=span_sampler, resource=resource)
         # The exporter reads the endpoint, headers and timeout from the OTEL_* variables.
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        tracer = tracer_provider.get_tracer("edge")
+        tracer = tracer_provider.get_tracer(settings.otel_service_name)
     meter_provider = None
-    meter = metrics.NoOpMeterProvider().get_meter("edge")
+    meter = metrics.NoOpMeterProvider().get_meter(settings.otel_service_name)
     if settings.metrics_export_enabled:
         meter_provider = MeterProvider(
             metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())], resource=resource
         )
-        meter = meter_provider.get_meter("edge")
+        meter = meter_provider.get_meter(settings.otel_service_name)
     return Telemetry(tracer, meter, tracer_provider, meter_provider)
