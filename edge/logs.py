@@ -6,7 +6,7 @@ import asyncio
 import logging
 from typing import Any
 
-from common.logs import JsonFormatter
+from common.logs import log_config as common_log_config
 from edge.proxy.forward import ResponseAborted
 
 
@@ -23,24 +23,4 @@ class DropAbortedResponses(logging.Filter):
 
 
 def log_config(level: str) -> dict[str, Any]:
-    """A `logging.config.dictConfig` document; uvicorn applies it in every worker process."""
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": JsonFormatter}},
-        "filters": {"drop_aborted": {"()": DropAbortedResponses}},
-        "handlers": {
-            "stdout": {
-                "class": "logging.StreamHandler",
-                "formatter": "json",
-                "filters": ["drop_aborted"],
-                "stream": "ext://sys.stdout",
-            }
-        },
-        "root": {"handlers": ["stdout"], "level": level.upper()},
-        "loggers": {
-            "uvicorn": {"level": level.upper()},
-            "uvicorn.error": {"level": level.upper()},
-            "uvicorn.access": {"level": "WARNING", "propagate": False},
-        },
-    }
+    return common_log_config(level, {"drop_aborted": DropAbortedResponses})

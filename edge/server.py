@@ -14,9 +14,9 @@ from uvicorn._types import ASGI3Application, ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from common.ids import uuid7
 from edge import errors
 from edge.app import build_app
-from edge.concerns.request_id import uuid7
 from edge.logs import log_config
 from edge.policy import Policy
 from edge.settings import EdgeSettings

@@ -7,27 +7,12 @@ time-ordered, so ids sort by arrival in logs and indexes.
 
 from __future__ import annotations
 
-import random
-import re
-import time
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.ids import ACCEPTABLE_REQUEST_ID, uuid7
 from common.logs import request_id_var
 
 HEADER = b"x-request-id"
-ACCEPTABLE = re.compile(rb"[A-Za-z0-9._-]{1,128}")
-
-
-def uuid7() -> str:
-    """RFC 9562 UUID version 7: 48 bits of Unix milliseconds, then 74 random bits."""
-    # Ids need to be unique, not secret: the random module (reseeded after fork) spares
-    # a getrandom() system call per request.
-    value = (time.time_ns() // 1_000_000) << 80 | random.getrandbits(80)
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # variant
-    text = f"{value:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 class RequestIdMiddleware:
@@ -40,7 +25,9 @@ class RequestIdMiddleware:
             return
 
         incoming = [value for name, value in scope["headers"] if name == HEADER]
-        request_id = incoming[0] if len(incoming) == 1 and ACCEPTABLE.fullmatch(incoming[0]) else None
+        request_id = (
+            incoming[0] if len(incoming) == 1 and ACCEPTABLE_REQUEST_ID.fullmatch(incoming[0]) else None
+        )
         if request_id is None:
             request_id = uuid7().encode("ascii")
             headers = [(name, value) for name, value in scope["headers"] if name != HEADER]
