@@ -89,18 +89,14 @@ def build_app(upstream: str) -> Starlette:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:9001")
     args = parser.parse_args()
     # uvicorn's defaults pick uvloop and httptools when installed, as in a real first attempt;
     # the access log is off so that every contender is measured without per-request logging.
-    uvicorn.run(
-        build_app(args.upstream), host=args.host, port=args.port, log_level="warning", access_log=False
-    )
+    uvicorn.run(build_app(args.upstream), host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

@@ -228,9 +228,7 @@ def find_nginx() -> str | None:
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
     """This environment without any edge setting of the caller's, plus `extra`."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("EDGE_") and k not in ("ENVIRONMENT", "PORT")
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_") and k not in ("ENVIRONMENT", "PORT")}
     env.update(extra)
     return env
 
@@ -590,9 +588,7 @@ def measure_memory(edge: Service, size: int, log: Callable[[str], None]) -> Memo
         peak = sampler.take_peak()
         counted = int(response.text) if response.status_code == 200 and response.text.isdigit() else -1
         result.transfers.append(
-            Transfer(
-                "upload", size, counted, seconds, peak / 1024, (peak - baseline) / 1024, response.status_code
-            )
+            Transfer("upload", size, counted, seconds, peak / 1024, (peak - baseline) / 1024, response.status_code)
         )
 
         sampler.take_peak()
@@ -925,16 +921,13 @@ def build_report(
                     else "n/a (skipped)"
                 ),
                 "verdict": _verdict(
-                    None
-                    if transfer is None
-                    else transfer.growth_mib <= TARGET_RSS_GROWTH_MIB and transfer.bytes_ok
+                    None if transfer is None else transfer.growth_mib <= TARGET_RSS_GROWTH_MIB and transfer.bytes_ok
                 ),
             }
         )
     targets.append(
         _ratio_target(
-            f"edge, all concerns, memory store req/s >= 10 % of nginx, equivalent configuration "
-            f"(c={args.connections})",
+            f"edge, all concerns, memory store req/s >= 10 % of nginx, equivalent configuration (c={args.connections})",
             TARGET_EDGE_ALL_MEMORY_OVER_NGINX_EQ,
             EDGE_ALL_MEMORY,
             NGINX_EQUIVALENT,
@@ -945,8 +938,7 @@ def build_report(
     )
     targets.append(
         _ratio_target(
-            f"edge, all concerns, Redis store req/s >= 6 % of nginx, equivalent configuration "
-            f"(c={args.connections})",
+            f"edge, all concerns, Redis store req/s >= 6 % of nginx, equivalent configuration (c={args.connections})",
             TARGET_EDGE_ALL_REDIS_OVER_NGINX_EQ,
             EDGE_ALL_REDIS,
             NGINX_EQUIVALENT,
@@ -959,9 +951,7 @@ def build_report(
     )
     for name in loaded:
         if not _clean(name, loaded, single):
-            notes.append(
-                f"{name} answered with socket errors or non-2xx responses: its measurements are FAIL"
-            )
+            notes.append(f"{name} answered with socket errors or non-2xx responses: its measurements are FAIL")
     machine["load_average_at_end"] = os.getloadavg()[0]
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -1142,9 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_store = RedisStore(args.redis_url)
         why_not = redis_store.ping()
         if why_not is not None:
-            notes.append(
-                f"Redis at {args.redis_url} not reachable ({why_not}): the Redis-store edge is skipped"
-            )
+            notes.append(f"Redis at {args.redis_url} not reachable ({why_not}): the Redis-store edge is skipped")
             log(f"Redis is not reachable ({why_not}): measuring without the Redis-store edge")
             redis_store.close()
             redis_store = None

@@ -22,9 +22,7 @@ import httptools
 import uvloop
 
 OK_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
-OK_CLOSE_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
-)
+OK_CLOSE_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
 BIG_CHUNK = b"x" * (256 * 1024)
 DEFAULT_BIG_BYTES = 1024**3
 
@@ -109,8 +107,7 @@ class TinyHttp(asyncio.Protocol):
         if path == b"/upload":
             body = b"%d" % self._received
             transport.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%b"
-                % (len(body), body)
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
             )
         else:
             transport.write(OK_RESPONSE if self._keep_alive else OK_CLOSE_RESPONSE)
@@ -144,9 +141,7 @@ class TinyHttp(asyncio.Protocol):
 
 async def serve(host: str, port: int, big_bytes: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: TinyHttp(big_bytes), host, port, backlog=2048, reuse_address=True
-    )
+    server = await loop.create_server(lambda: TinyHttp(big_bytes), host, port, backlog=2048, reuse_address=True)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -155,9 +150,7 @@ async def serve(host: str, port: int, big_bytes: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--big-bytes", type=int, default=DEFAULT_BIG_BYTES, help="size of GET /big")

@@ -54,9 +54,7 @@ class OtelSettings(BaseSettings):
     endpoint is set."""
 
     otel_service_name: str = Field("edge", validation_alias=AliasChoices("OTEL_SERVICE_NAME"))
-    otel_exporter_otlp_endpoint: str | None = Field(
-        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
+    otel_exporter_otlp_endpoint: str | None = Field(None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT"))
     otel_exporter_otlp_traces_endpoint: str | None = Field(
         None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
@@ -66,9 +64,7 @@ class OtelSettings(BaseSettings):
     otel_traces_sampler: Sampler = Field(
         Sampler.parentbased_traceidratio, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER")
     )
-    otel_traces_sampler_arg: float = Field(
-        1.0, ge=0, le=1, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER_ARG")
-    )
+    otel_traces_sampler_arg: float = Field(1.0, ge=0, le=1, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER_ARG"))
 
     @field_validator(
         "otel_exporter_otlp_endpoint",

@@ -125,9 +125,7 @@ def build_app(settings: EdgeSettings, policy: Policy, proxy: Proxy | None = None
         ),
         Middleware(
             SizeLimitMiddleware,
-            body_limits=RouteTable.from_policy(
-                policy, settings.max_body_bytes, lambda rule: rule.max_body_bytes
-            ),
+            body_limits=RouteTable.from_policy(policy, settings.max_body_bytes, lambda rule: rule.max_body_bytes),
             max_header_count=settings.max_header_count,
             max_header_bytes=settings.max_header_bytes,
         ),
@@ -163,9 +161,7 @@ async def _edge_route_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     error = errors.METHOD_NOT_ALLOWED if exc.status_code == 405 else errors.NOT_FOUND
     body = errors.error_body(error, errors.request_id_of(request.scope))
-    allow = [
-        (b"allow", value.encode()) for name, value in (exc.headers or {}).items() if name.lower() == "allow"
-    ]
+    allow = [(b"allow", value.encode()) for name, value in (exc.headers or {}).items() if name.lower() == "allow"]
     response = Response(body, status_code=error.status)
     response.raw_headers = errors.error_headers(body, allow)
     return response

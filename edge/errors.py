@@ -24,9 +24,7 @@ class EdgeError:
 
 BAD_REQUEST = EdgeError(400, "bad_request", "The request is malformed.")
 CORS_FORBIDDEN = EdgeError(403, "cors_forbidden", "This cross-origin request is not allowed.")
-PAYLOAD_TOO_LARGE = EdgeError(
-    413, "payload_too_large", "The request body is larger than this endpoint accepts."
-)
+PAYLOAD_TOO_LARGE = EdgeError(413, "payload_too_large", "The request body is larger than this endpoint accepts.")
 RATE_LIMITED = EdgeError(429, "rate_limited", "Too many requests. Try again after the time in Retry-After.")
 HEADERS_TOO_LARGE = EdgeError(
     431, "headers_too_large", "The request has too many headers, or headers that are too large."
@@ -34,9 +32,7 @@ HEADERS_TOO_LARGE = EdgeError(
 NOT_FOUND = EdgeError(404, "not_found", "There is nothing at this path.")
 METHOD_NOT_ALLOWED = EdgeError(405, "method_not_allowed", "This method is not allowed here.")
 INTERNAL_ERROR = EdgeError(500, "internal_error", "The edge failed to handle the request.")
-UPSTREAM_UNAVAILABLE = EdgeError(
-    502, "upstream_unavailable", "The service could not be reached. Try again shortly."
-)
+UPSTREAM_UNAVAILABLE = EdgeError(502, "upstream_unavailable", "The service could not be reached. Try again shortly.")
 UPSTREAM_BUSY = EdgeError(503, "upstream_busy", "The service is at capacity. Try again shortly.")
 RATE_LIMIT_UNAVAILABLE = EdgeError(
     503, "rate_limit_unavailable", "Requests cannot be admitted right now. Try again shortly."

@@ -122,9 +122,7 @@ class RouteTable(Generic[T]):
         ]
 
     @classmethod
-    def from_policy(
-        cls, policy: Policy, default: T, setting: Callable[[RouteRule], T | None]
-    ) -> RouteTable[T]:
+    def from_policy(cls, policy: Policy, default: T, setting: Callable[[RouteRule], T | None]) -> RouteTable[T]:
         rules = [(rule, value) for rule in policy.routes if (value := setting(rule)) is not None]
         return cls(default, rules)
 

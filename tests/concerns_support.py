@@ -142,9 +142,7 @@ class RawConnection(WireClient):
 
     def read_response(self, *, head_request: bool = False) -> RawResponse:  # type: ignore[override]
         response = super().read_response(head_request=head_request)
-        headers = [
-            (name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in response.headers
-        ]
+        headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in response.headers]
         return RawResponse(response.status, headers, response.body)
 
 

@@ -90,9 +90,7 @@ def parse_sf_list(text: str) -> SfList:
             return text[position - 1] == "1"
         if char.isalpha() or char == "*":
             start = position
-            while position < len(text) and (
-                text[position].isalnum() or text[position] in "!#$%&'*+-.^_`|~:/"
-            ):
+            while position < len(text) and (text[position].isalnum() or text[position] in "!#$%&'*+-.^_`|~:/"):
                 position += 1
             return text[start:position]
         raise StructuredFieldError(f"unexpected {char!r} in {text!r}")

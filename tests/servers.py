@@ -233,9 +233,7 @@ class UpstreamApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body if status not in (204, 304) else b""})
 
-    async def download(
-        self, scope: Scope, receive: Receive, send: Send, size: int, query: dict[str, str]
-    ) -> None:
+    async def download(self, scope: Scope, receive: Receive, send: Send, size: int, query: dict[str, str]) -> None:
         await self.read_and_record(scope, receive)
         headers = [(b"content-type", b"application/octet-stream")]
         if query.get("chunked") != "1":
@@ -442,8 +440,7 @@ class RawUpstream:
             return False
         if path.startswith(b"/both-framings"):
             writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-                b"5\r\nhello\r\n0\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
             )
             await writer.drain()
             return False

@@ -119,10 +119,7 @@ class ExportedSpan:
         return (self.span.end_time_unix_nano - self.span.start_time_unix_nano) / 1e9
 
     def links(self) -> list[tuple[str, str, dict[str, Any]]]:
-        return [
-            (link.trace_id.hex(), link.span_id.hex(), attribute_dict(link.attributes))
-            for link in self.span.links
-        ]
+        return [(link.trace_id.hex(), link.span_id.hex(), attribute_dict(link.attributes)) for link in self.span.links]
 
 
 class OtlpCollector:

@@ -87,9 +87,7 @@ def access_line(logs: LineCapture, response: httpx.Response) -> dict[str, Any]:
 
 def test_one_line_per_request_with_every_field(edge: RunningEdge, logs: LineCapture) -> None:
     body = b"b" * 12_345
-    response = request(
-        f"{edge.url}/echo?token=secret", method="POST", content=body, headers={"x-test": "fields"}
-    )
+    response = request(f"{edge.url}/echo?token=secret", method="POST", content=body, headers={"x-test": "fields"})
     assert response.status_code == 200
     upstream = upstream_traceparent(response.json())
 
@@ -199,9 +197,7 @@ def test_rate_limit_decision_limited(upstream_url: str, logs: LineCapture) -> No
 def test_client_gone_before_any_response_is_499(edge: RunningEdge, logs: LineCapture) -> None:
     request_id = f"gone-{uuid.uuid4().hex}"
     with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as sock:
-        sock.sendall(
-            f"GET /slow?delay=3 HTTP/1.1\r\nHost: edge\r\nX-Request-ID: {request_id}\r\n\r\n".encode()
-        )
+        sock.sendall(f"GET /slow?delay=3 HTTP/1.1\r\nHost: edge\r\nX-Request-ID: {request_id}\r\n\r\n".encode())
         time.sleep(0.3)  # the edge has forwarded it; the upstream has not answered
     [captured] = logs.wait_for("edge.access", request_id, timeout=2.5)
     line = captured.fields
@@ -242,9 +238,7 @@ def test_lines_logged_during_a_request_carry_its_ids(
     request_id = f"cut-{uuid.uuid4().hex}"
     with (
         httpx.Client(trust_env=False, timeout=5.0) as client,
-        client.stream(
-            "GET", f"{raw_edge.url}/die-mid-body", headers={"x-request-id": request_id}
-        ) as response,
+        client.stream("GET", f"{raw_edge.url}/die-mid-body", headers={"x-request-id": request_id}) as response,
     ):
         assert response.status_code == 200
         with pytest.raises(httpx.TransportError):
@@ -344,9 +338,7 @@ def test_log_level_warning_writes_no_info_lines(tmp_path: Path, raw_upstream: Ra
         assert client.get(f"{edge.url}/ok").status_code == 200  # an info access line
         # And a warning, which must get through: the proxy's line for a response cut short.
         with (
-            client.stream(
-                "GET", f"{edge.url}/die-mid-body", headers={"x-request-id": request_id}
-            ) as response,
+            client.stream("GET", f"{edge.url}/die-mid-body", headers={"x-request-id": request_id}) as response,
             pytest.raises(httpx.TransportError),
         ):
             response.read()

@@ -72,9 +72,7 @@ def wildcard_edge(upstream_server: tuple[ServerThread, UpstreamApp]) -> Iterator
 
 @pytest.fixture(scope="module")
 def credentials_edge(upstream_server: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
-    with running_edge(
-        upstream_server[0].url, cors_allow_origins=[APP_ORIGIN], cors_allow_credentials=True
-    ) as edge:
+    with running_edge(upstream_server[0].url, cors_allow_origins=[APP_ORIGIN], cors_allow_credentials=True) as edge:
         yield edge
 
 
@@ -177,9 +175,7 @@ def test_subdomain_pattern_preflight(
 # -- preflights -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "requested", ["Content-Type, X-Request-ID", "content-type, x-request-id", "AUTHORIZATION"]
-)
+@pytest.mark.parametrize("requested", ["Content-Type, X-Request-ID", "content-type, x-request-id", "AUTHORIZATION"])
 def test_allowed_preflight_is_answered_at_the_edge(
     exact_edge: RunningEdge, upstream: UpstreamApp, requested: str
 ) -> None:
@@ -188,9 +184,7 @@ def test_allowed_preflight_is_answered_at_the_edge(
     assert response.status_code == 204
     assert response.content == b""
     assert response.headers.get_list("access-control-allow-origin") == [APP_ORIGIN]
-    assert "PATCH" in {
-        method.upper() for method in tokens(response.headers.get_list("access-control-allow-methods"))
-    }
+    assert "PATCH" in {method.upper() for method in tokens(response.headers.get_list("access-control-allow-methods"))}
     assert response.headers.get_list("access-control-max-age") == [str(MAX_AGE)]
     allowed_headers = tokens(response.headers.get_list("access-control-allow-headers"))
     assert allowed_headers >= tokens([requested])
@@ -249,9 +243,7 @@ def test_options_without_request_method_is_forwarded_as_an_ordinary_request(
 
 
 @pytest.mark.parametrize("edge_name", ["exact_edge", "any_origin_edge"])
-def test_null_origin_is_never_allowed(
-    request: pytest.FixtureRequest, upstream: UpstreamApp, edge_name: str
-) -> None:
+def test_null_origin_is_never_allowed(request: pytest.FixtureRequest, upstream: UpstreamApp, edge_name: str) -> None:
     edge: RunningEdge = request.getfixturevalue(edge_name)
     response = get(edge, "/echo", "null")
     assert response.status_code == 200

@@ -49,9 +49,7 @@ def upstream_server() -> Iterator[tuple[ServerThread, UpstreamApp]]:
 
 @pytest.fixture(scope="module")
 def small_edge(upstream_server: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
-    with running_edge(
-        upstream_server[0].url, upstream_pool_size=POOL_SIZE, upstream_connect_timeout=1.0
-    ) as edge:
+    with running_edge(upstream_server[0].url, upstream_pool_size=POOL_SIZE, upstream_connect_timeout=1.0) as edge:
         yield edge
 
 

@@ -44,9 +44,7 @@ def seen(raw_upstream: RawUpstream, path: str) -> int:
     return raw_upstream.requests_seen.count(path.encode())
 
 
-def get(
-    url: str, *, method: str = "GET", content: bytes | None = None, timeout: float = 5.0
-) -> httpx.Response:
+def get(url: str, *, method: str = "GET", content: bytes | None = None, timeout: float = 5.0) -> httpx.Response:
     with httpx.Client(trust_env=False, timeout=timeout) as client:
         return client.request(method, url, content=content)
 
@@ -64,9 +62,7 @@ def assert_envelope(response: httpx.Response, status: int, code: str) -> dict[st
     return error
 
 
-def assert_reveals_nothing(
-    status_line: bytes, headers: list[tuple[bytes, bytes]], body: bytes, port: int
-) -> None:
+def assert_reveals_nothing(status_line: bytes, headers: list[tuple[bytes, bytes]], body: bytes, port: int) -> None:
     """No address of the upstream, no library name, no stack trace - in the head or the body."""
     shown = b"\n".join([status_line, *(name + b": " + value for name, value in headers), body])
     text = shown.decode("latin-1").lower()
@@ -245,9 +241,7 @@ def test_broken_post_is_502_and_sent_once(fast_raw_edge: RunningEdge, raw_upstre
     assert seen(raw_upstream, path) == 1
 
 
-def test_hanging_upstream_is_504_upstream_timeout(
-    fast_raw_edge: RunningEdge, raw_upstream: RawUpstream
-) -> None:
+def test_hanging_upstream_is_504_upstream_timeout(fast_raw_edge: RunningEdge, raw_upstream: RawUpstream) -> None:
     path = unique("/hang")
     started = time.monotonic()
     response = get(fast_raw_edge.url + path)
@@ -392,12 +386,9 @@ SMUGGLING = {
     "chunk-without-crlf": (
         b"POST {path} HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n"
     ),
-    "gzip-transfer-coding": (
-        b"POST {path} HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: gzip\r\n\r\nnot really gzip"
-    ),
+    "gzip-transfer-coding": (b"POST {path} HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: gzip\r\n\r\nnot really gzip"),
     "chunked-then-gzip": (
-        b"POST {path} HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"
-        b"5\r\nhello\r\n0\r\n\r\n"
+        b"POST {path} HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     ),
     "differing-content-lengths": (
         b"POST {path} HTTP/1.1\r\nHost: edge\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
@@ -420,14 +411,11 @@ def test_ambiguous_framing_is_400_and_never_forwarded(
     assert forwarded == [], f"reached the upstream: {forwarded}"
 
 
-def test_well_formed_chunked_request_is_forwarded_with_its_body(
-    edge: RunningEdge, upstream: UpstreamApp
-) -> None:
+def test_well_formed_chunked_request_is_forwarded_with_its_body(edge: RunningEdge, upstream: UpstreamApp) -> None:
     """The control for the refusals above: correct chunking does reach the upstream, body and all."""
     path = unique("/chunked-control")
     request = (
-        f"POST {path} HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\n"
-        "Connection: close\r\n\r\n".encode()
+        f"POST {path} HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
         + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     )
     response = raw_exchange(edge.port, request, timeout=3.0)
@@ -505,9 +493,7 @@ def test_unknown_edge_path_is_404_in_the_envelope(edge: RunningEdge, upstream: U
     assert recorded_with(upstream, marker) == []
 
 
-def test_wrong_method_on_edge_path_is_405_in_the_envelope_with_allow(
-    edge: RunningEdge, upstream: UpstreamApp
-) -> None:
+def test_wrong_method_on_edge_path_is_405_in_the_envelope_with_allow(edge: RunningEdge, upstream: UpstreamApp) -> None:
     marker = uuid.uuid4().hex
     response = get(f"{edge.url}/_edge/live?probe={marker}", method="POST", content=b"{}")
     assert_envelope(response, 405, "method_not_allowed")
@@ -521,9 +507,7 @@ def test_wrong_method_on_edge_path_is_405_in_the_envelope_with_allow(
 
 
 @pytest.mark.parametrize("raw_path", ["/%5Fedge/live", "/%5fedge/live", "/_edge%2Flive", "/%5F%65dge/live"])
-def test_encoded_edge_path_is_answered_by_the_edge(
-    edge: RunningEdge, upstream: UpstreamApp, raw_path: str
-) -> None:
+def test_encoded_edge_path_is_answered_by_the_edge(edge: RunningEdge, upstream: UpstreamApp, raw_path: str) -> None:
     marker = uuid.uuid4().hex
     request = f"GET {raw_path}?probe={marker} HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n".encode()
     response = raw_exchange(edge.port, request, timeout=3.0)

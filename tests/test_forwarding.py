@@ -72,9 +72,7 @@ def find_recorded(upstream: UpstreamApp, token: str) -> RecordedRequest:
 
 @pytest.fixture(scope="module")
 def trusted_edge(upstream_server: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
-    with running_edge(
-        upstream_server[0].url, trusted_proxies=[ipaddress.ip_network("127.0.0.0/8")]
-    ) as running:
+    with running_edge(upstream_server[0].url, trusted_proxies=[ipaddress.ip_network("127.0.0.0/8")]) as running:
         yield running
 
 
@@ -371,9 +369,7 @@ def test_connection_tokens_match_whatever_the_casing(edge: RunningEdge) -> None:
         b"Forwarded, X-Forwarded-Proto, X-FORWARDED-HOST",
     ],
 )
-def test_connection_cannot_remove_forwarding_headers_host_or_framing(
-    edge: RunningEdge, connection: bytes
-) -> None:
+def test_connection_cannot_remove_forwarding_headers_host_or_framing(edge: RunningEdge, connection: bytes) -> None:
     body = b"hello, upstream"
     response = wire_exchange(
         edge.port,
@@ -526,9 +522,7 @@ def test_trusted_peer_proto_and_host_are_honoured(trusted_edge: RunningEdge) -> 
     assert header_values(seen, "x-forwarded-for") == ["198.51.100.20, 127.0.0.1"]
     assert header_values(seen, "x-forwarded-proto") == ["https"]
     assert header_values(seen, "x-forwarded-host") == ["public.example"]
-    assert header_values(seen, "forwarded") == [
-        'for=198.51.100.20;proto=https;host="public.example", for=127.0.0.1'
-    ]
+    assert header_values(seen, "forwarded") == ['for=198.51.100.20;proto=https;host="public.example", for=127.0.0.1']
     assert header_values(seen, "host") == ["internal.test:8080"]
 
 
@@ -541,9 +535,7 @@ def test_trusted_peer_ipv6_client_is_quoted_in_forwarded(trusted_edge: RunningEd
             )
         )
     assert header_values(seen, "x-forwarded-for") == ["2001:db8::1, 127.0.0.1"]
-    assert header_values(seen, "forwarded") == [
-        'for="[2001:db8::1]";proto=http;host="edge.test", for=127.0.0.1'
-    ]
+    assert header_values(seen, "forwarded") == ['for="[2001:db8::1]";proto=http;host="edge.test", for=127.0.0.1']
 
 
 def test_forwarded_request_headers_quote_ipv6_and_the_host() -> None:

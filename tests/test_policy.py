@@ -99,9 +99,7 @@ def test_valid_policy_file_loads_every_rule_in_order(tmp_path: Path, name: str, 
 
 
 def test_toml_and_yaml_spellings_load_the_same_policy(tmp_path: Path) -> None:
-    assert load_policy(write(tmp_path, "p.toml", TOML_POLICY)) == load_policy(
-        write(tmp_path, "p.yml", YAML_POLICY)
-    )
+    assert load_policy(write(tmp_path, "p.toml", TOML_POLICY)) == load_policy(write(tmp_path, "p.yml", YAML_POLICY))
 
 
 def test_bare_yaml_off_means_off(tmp_path: Path) -> None:
@@ -135,8 +133,7 @@ INVALID = [
     ),
     pytest.param(
         "policy.toml",
-        '[[routes]]\npath = "/ok"\nrate_limit = "5/minute"\n\n'
-        '[[routes]]\npath = "/api"\nrate_limit = "1/eon"\n',
+        '[[routes]]\npath = "/ok"\nrate_limit = "5/minute"\n\n[[routes]]\npath = "/api"\nrate_limit = "1/eon"\n',
         ["routes.1.rate_limit", "1/eon"],
         id="second-rule-at-fault",
     ),

@@ -23,9 +23,7 @@ def read_response(sock: socket.socket) -> bytes:
     return data
 
 
-def test_endless_header_line_is_refused_with_431_and_bounded_memory(
-    edge: RunningEdge, upstream: UpstreamApp
-) -> None:
+def test_endless_header_line_is_refused_with_431_and_bounded_memory(edge: RunningEdge, upstream: UpstreamApp) -> None:
     before = len(upstream.record.requests)
     limit = edge.settings.max_header_bytes + 512 * 1024
     with socket.create_connection(("127.0.0.1", edge.port)) as sock:
@@ -41,9 +39,7 @@ def test_endless_header_line_is_refused_with_431_and_bounded_memory(
     envelope = json.loads(body)
     assert envelope["error"]["code"] == "headers_too_large"
     request_ids = [
-        line.split(b": ", 1)[1].decode()
-        for line in head.split(b"\r\n")
-        if line.lower().startswith(b"x-request-id")
+        line.split(b": ", 1)[1].decode() for line in head.split(b"\r\n") if line.lower().startswith(b"x-request-id")
     ]
     assert request_ids == [envelope["error"]["request_id"]]
     assert len(upstream.record.requests) == before
@@ -53,10 +49,7 @@ def test_large_body_right_behind_a_small_head_is_not_mistaken_for_a_large_head(
     edge: RunningEdge, upstream: UpstreamApp
 ) -> None:
     body = b"x" * (3 * 1024 * 1024)
-    request = (
-        b"POST /upload HTTP/1.1\r\nHost: edge.test\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-        % len(body)
-    )
+    request = b"POST /upload HTTP/1.1\r\nHost: edge.test\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
     with socket.create_connection(("127.0.0.1", edge.port)) as sock:
         sock.sendall(request + body)
         response = read_response(sock)

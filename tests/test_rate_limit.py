@@ -250,16 +250,12 @@ def test_forged_x_forwarded_for_does_not_change_the_bucket_without_trusted_proxi
 ) -> None:
     path = unique_path()
     with running_edge(upstream_url, rate_limit_default="3/minute") as edge:
-        responses = [
-            client.get(edge.url + path, headers={"x-forwarded-for": random_address()}) for _ in range(4)
-        ]
+        responses = [client.get(edge.url + path, headers={"x-forwarded-for": random_address()}) for _ in range(4)]
     assert [response.status_code for response in responses] == [200, 200, 200, 429]
     assert [remaining_and_reset(response)["default-1m"][0] for response in responses] == [2, 1, 0, 0]
 
 
-def test_clients_behind_a_trusted_proxy_get_buckets_of_their_own(
-    upstream_url: str, client: httpx.Client
-) -> None:
+def test_clients_behind_a_trusted_proxy_get_buckets_of_their_own(upstream_url: str, client: httpx.Client) -> None:
     path = unique_path()
     with running_edge(upstream_url, rate_limit_default="3/minute", trusted_proxies=TRUST_LOOPBACK) as edge:
 
@@ -445,9 +441,7 @@ def test_legacy_headers_are_off_by_default(upstream_url: str, client: httpx.Clie
 # -- 7. a 429 passes the layers above rate limiting ---------------------------------------------------------
 
 
-def test_429_carries_cors_and_security_headers_for_an_allowed_origin(
-    upstream_url: str, client: httpx.Client
-) -> None:
+def test_429_carries_cors_and_security_headers_for_an_allowed_origin(upstream_url: str, client: httpx.Client) -> None:
     path = unique_path()
     origin = "https://app.example.com"
     with running_edge(upstream_url, rate_limit_default="1/minute", cors_allow_origins=[origin]) as edge:

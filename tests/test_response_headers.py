@@ -285,9 +285,7 @@ def upstream_request_ids(response: httpx.Response) -> list[str]:
     ["abc", "A" * 128, "0190f1e2-7d3c-7a4b-9c1d-2e3f4a5b6c7d", "req_1.2-3", "..--__"],
     ids=["short", "128-chars", "uuid", "mixed", "punctuation-only"],
 )
-def test_valid_incoming_request_id_is_echoed_and_forwarded_unchanged(
-    scripted_edge: RunningEdge, incoming: str
-) -> None:
+def test_valid_incoming_request_id_is_echoed_and_forwarded_unchanged(scripted_edge: RunningEdge, incoming: str) -> None:
     response = fetch(scripted_edge, "/echo", headers=[("X-Request-ID", incoming)])
     assert response.headers.get_list("x-request-id") == [incoming]
     assert upstream_request_ids(response) == [incoming]
@@ -307,9 +305,7 @@ def test_valid_incoming_request_id_is_echoed_and_forwarded_unchanged(
     ],
     ids=["129-chars", "space", "semicolon", "unicode", "quote", "empty", "two-copies", "two-equal-copies"],
 )
-def test_invalid_incoming_request_id_is_replaced_by_a_uuid7(
-    scripted_edge: RunningEdge, incoming: list[bytes]
-) -> None:
+def test_invalid_incoming_request_id_is_replaced_by_a_uuid7(scripted_edge: RunningEdge, incoming: list[bytes]) -> None:
     response = fetch(scripted_edge, "/echo", headers=[(b"X-Request-ID", value) for value in incoming])
     echoed = response.headers.get_list("x-request-id")
     assert len(echoed) == 1

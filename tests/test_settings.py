@@ -146,8 +146,7 @@ def test_invalid_value_is_refused_naming_the_variable(variable: str, value: str)
     assert result.stdout == "", "a refused configuration must not reach the logs"
     named = set(VARIABLE_NAME.findall(result.stderr))
     assert named == {variable}, (
-        f"the message should name {variable} and no other variable; it names {sorted(named)}:\n"
-        f"{result.stderr}"
+        f"the message should name {variable} and no other variable; it names {sorted(named)}:\n{result.stderr}"
     )
     assert f"{variable}:" in result.stderr
 

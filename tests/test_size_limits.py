@@ -36,9 +36,7 @@ def limited_edge(upstream_server: tuple[ServerThread, UpstreamApp]) -> Iterator[
 
 @pytest.fixture(scope="module")
 def turns_edge(upstream_server: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
-    policy = Policy(
-        routes=[RouteRule(name="voice-turns", path="/api/v1/sessions/*/turns", max_body_bytes=10 * MiB)]
-    )
+    policy = Policy(routes=[RouteRule(name="voice-turns", path="/api/v1/sessions/*/turns", max_body_bytes=10 * MiB)])
     with running_edge(upstream_server[0].url, policy, max_body_bytes=1 * MiB) as edge:
         yield edge
 
@@ -173,9 +171,7 @@ def test_chunked_body_growing_past_the_limit_is_413_and_the_upstream_exchange_is
 # -- per-route limits -------------------------------------------------------------------------------
 
 
-def test_route_rule_raises_the_limit_for_its_route_only(
-    turns_edge: RunningEdge, upstream: UpstreamApp
-) -> None:
+def test_route_rule_raises_the_limit_for_its_route_only(turns_edge: RunningEdge, upstream: UpstreamApp) -> None:
     size = 2 * MiB
     path = "/api/v1/sessions/" + unique_path("").strip("/") + "/turns"
     response = httpx.post(turns_edge.url + path, content=b"".join(pattern_bytes(size)), timeout=10)
@@ -201,9 +197,7 @@ def test_route_rule_limit_is_still_a_limit(turns_edge: RunningEdge, upstream: Up
 # -- headers ----------------------------------------------------------------------------------------
 
 
-def test_too_many_headers_is_431_and_never_forwarded(
-    limited_edge: RunningEdge, upstream: UpstreamApp
-) -> None:
+def test_too_many_headers_is_431_and_never_forwarded(limited_edge: RunningEdge, upstream: UpstreamApp) -> None:
     path = unique_path()
     headers = [(f"X-Filler-{number}", "x") for number in range(HEADER_COUNT_LIMIT + 1)]
     with RawConnection(limited_edge.port) as connection:
@@ -215,9 +209,7 @@ def test_too_many_headers_is_431_and_never_forwarded(
     assert recorded(upstream, path) == []
 
 
-def test_too_many_header_bytes_is_431_and_never_forwarded(
-    limited_edge: RunningEdge, upstream: UpstreamApp
-) -> None:
+def test_too_many_header_bytes_is_431_and_never_forwarded(limited_edge: RunningEdge, upstream: UpstreamApp) -> None:
     path = unique_path()
     with RawConnection(limited_edge.port) as connection:
         connection.send(request_head("GET", path, [("X-Big", "b" * HEADER_BYTES_LIMIT)]))

@@ -201,9 +201,7 @@ def test_exported_span_continues_trusted_parent(
     spans = collector[1]
     endpoint = exporter_environment(monkeypatch, collector[0].url)
     client = TraceParent.new("01")
-    with running_edge(
-        upstream_url, otel_exporter_otlp_traces_endpoint=endpoint, trusted_proxies=[LOOPBACK]
-    ) as edge:
+    with running_edge(upstream_url, otel_exporter_otlp_traces_endpoint=endpoint, trusted_proxies=[LOOPBACK]) as edge:
         response = request(f"{edge.url}/echo", headers={"traceparent": client.header()})
         upstream = upstream_traceparent(response.json())
         found = spans.wait_for(lambda: spans.spans_of_trace(client.trace_id))
@@ -221,9 +219,7 @@ def test_exported_span_of_edge_made_502_has_error_status(
     spans = collector[1]
     endpoint = exporter_environment(monkeypatch, collector[0].url)
     client = TraceParent.new("01")
-    with running_edge(
-        f"http://127.0.0.1:{closed_port()}", otel_exporter_otlp_traces_endpoint=endpoint
-    ) as edge:
+    with running_edge(f"http://127.0.0.1:{closed_port()}", otel_exporter_otlp_traces_endpoint=endpoint) as edge:
         response = request(f"{edge.url}/nothing-listens", headers={"traceparent": client.header()})
         assert response.status_code == 502
         found = spans.wait_for(lambda: spans.spans_linked_to(client.trace_id))

@@ -72,10 +72,7 @@ class CorsMiddleware:
         parts = urlsplit(origin)
         host = parts.hostname or ""
         return any(
-            parts.scheme == scheme
-            and parts.port == port
-            and host.endswith(suffix)
-            and len(host) > len(suffix)
+            parts.scheme == scheme and parts.port == port and host.endswith(suffix) and len(host) > len(suffix)
             for scheme, suffix, port in self.subdomain_patterns
         )
 
@@ -110,9 +107,7 @@ class CorsMiddleware:
                 # The edge is where CORS is decided: an upstream's own CORS headers would
                 # duplicate its answer (browsers then refuse the response) or contradict it.
                 headers = [
-                    header
-                    for header in message.get("headers", ())
-                    if not header[0].startswith(b"access-control-")
+                    header for header in message.get("headers", ()) if not header[0].startswith(b"access-control-")
                 ]
                 message["headers"] = headers + added
             await send(message)
@@ -142,9 +137,7 @@ class CorsMiddleware:
         await send({"type": "http.response.body", "body": b""})
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        origin = next(
-            (value.decode("latin-1") for name, value in scope["headers"] if name == b"origin"), None
-        )
+        origin = next((value.decode("latin-1") for name, value in scope["headers"] if name == b"origin"), None)
         if origin is None or self.is_allowed_origin(origin) or _is_same_origin(scope, origin):
             await self.app(scope, receive, send)
             return

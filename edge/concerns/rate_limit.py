@@ -86,9 +86,7 @@ class RoutePolicy:
             if any(quota.name == name for quota in quotas):
                 name = f"{name}-{item.amount}"
             quotas.append(Quota.named(item, name))
-        policy = ", ".join(
-            f"{quota.field_name};q={quota.item.amount};w={quota.item.get_expiry()}" for quota in quotas
-        )
+        policy = ", ".join(f"{quota.field_name};q={quota.item.amount};w={quota.item.get_expiry()}" for quota in quotas)
         return cls(label, tuple(quotas), tuple(key), (b"ratelimit-policy", policy.encode()))
 
 
@@ -192,9 +190,7 @@ class LimitStore:
             if self.breaker.record_failure(now):
                 logger.warning(
                     "rate-limit store failing; %s for %.0f s",
-                    "admitting requests"
-                    if self.on_error == StoreErrorPolicy.open
-                    else "refusing limited requests",
+                    "admitting requests" if self.on_error == StoreErrorPolicy.open else "refusing limited requests",
                     self.breaker.open_seconds,
                     extra={"error": type(exc).__name__},
                 )
@@ -300,9 +296,7 @@ class RateLimitMiddleware:
             ]
         return headers
 
-    async def _refuse(
-        self, scope: Scope, receive: Receive, send: Send, verdict: Verdict, headers: Headers
-    ) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, verdict: Verdict, headers: Headers) -> None:
         if verdict.decision == "limited":
             error = errors.RATE_LIMITED
             _, _, reset = verdict.windows[-1]

@@ -25,9 +25,7 @@ class RequestIdMiddleware:
             return
 
         incoming = [value for name, value in scope["headers"] if name == HEADER]
-        request_id = (
-            incoming[0] if len(incoming) == 1 and ACCEPTABLE_REQUEST_ID.fullmatch(incoming[0]) else None
-        )
+        request_id = incoming[0] if len(incoming) == 1 and ACCEPTABLE_REQUEST_ID.fullmatch(incoming[0]) else None
         if request_id is None:
             request_id = uuid7().encode("ascii")
             headers = [(name, value) for name, value in scope["headers"] if name != HEADER]

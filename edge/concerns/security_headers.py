@@ -106,9 +106,5 @@ class SecurityHeadersMiddleware:
                 is_html = True
             present.add(name)
             kept.append((name, value))
-        kept += [
-            header
-            for header in (self.html_headers if is_html else self.api_headers)
-            if header[0] not in present
-        ]
+        kept += [header for header in (self.html_headers if is_html else self.api_headers) if header[0] not in present]
         return kept

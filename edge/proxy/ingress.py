@@ -148,9 +148,7 @@ class IngressMiddleware:
             chain = (peer,)
 
         scope["headers"] = kept
-        scope[FORWARDED_SCOPE_KEY] = ForwardedRequest(
-            chain=chain, proto=proto, host=host, peer_trusted=peer_trusted
-        )
+        scope[FORWARDED_SCOPE_KEY] = ForwardedRequest(chain=chain, proto=proto, host=host, peer_trusted=peer_trusted)
         await self.app(scope, receive, send)
 
 

@@ -87,9 +87,7 @@ class WebSocketForwarder:
                 if upstream.response is not None
                 else []
             )
-            await send(
-                {"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": response_headers}
-            )
+            await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol, "headers": response_headers})
             to_upstream = asyncio.ensure_future(_client_to_upstream(receive, upstream))
             to_client = asyncio.ensure_future(_upstream_to_client(upstream, send))
             try:
@@ -104,9 +102,7 @@ class WebSocketForwarder:
         if scope["query_string"]:
             url += "?" + scope["query_string"].decode("latin-1")
         forwarded: ForwardedRequest = scope[FORWARDED_SCOPE_KEY]
-        headers: Headers = [
-            (name, value) for name, value in scope["headers"] if name not in HANDSHAKE_REQUEST_FIELDS
-        ]
+        headers: Headers = [(name, value) for name, value in scope["headers"] if name not in HANDSHAKE_REQUEST_FIELDS]
         headers += forwarded.upstream_headers()
         user_agent = next((v for n, v in scope["headers"] if n == b"user-agent"), None)
         return await connect(
