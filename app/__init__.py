@@ -1,1 +1,1 @@
-"""The internal app. Until it arrives, `python -m app` serves a small demo upstream."""
+"""The internal app: a voice companion, FastAPI around a LangGraph turn workflow."""

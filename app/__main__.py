@@ -1,78 +1,52 @@
-"""A small demo upstream so the edge is usable before the real app exists.
-
-`GET /` says hello, `/echo` returns what it received, `/events` streams server-sent
-events, `/ws` echoes WebSocket messages. Served on APP_HOST:APP_PORT (127.0.0.1:8000).
-"""
+"""`python -m app`: validate the configuration, then serve the internal app."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
+import signal
+import sys
+from types import FrameType
 
 import uvicorn
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from app.main import create_app
+from app.outbound import OutboundSettings
+from app.settings import load_settings
+from common.logs import log_config
+from common.settings import ConfigurationError, load
 
 
-class DemoSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="APP_")
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-
-
-async def hello(request: Request) -> JSONResponse:
-    return JSONResponse({"message": "Hello from the demo upstream behind the edge."})
-
-
-async def echo(request: Request) -> JSONResponse:
-    body = await request.body()
-    return JSONResponse(
-        {
-            "method": request.method,
-            "path": request.url.path,
-            "query": request.url.query,
-            "headers": [
-                [name.decode("latin-1"), value.decode("latin-1")] for name, value in request.headers.raw
-            ],
-            "body_bytes": len(body),
-        }
-    )
-
-
-async def events(request: Request) -> StreamingResponse:
-    async def ticks() -> AsyncIterator[bytes]:
-        for number in range(5):
-            yield f"id: {number}\ndata: tick {number}\n\n".encode()
-            await asyncio.sleep(1)
-
-    return StreamingResponse(ticks(), media_type="text/event-stream")
-
-
-async def websocket_echo(websocket: WebSocket) -> None:
-    await websocket.accept()
+def main() -> int:
     try:
-        while True:
-            await websocket.send_text(await websocket.receive_text())
-    except WebSocketDisconnect:
-        pass
+        settings = load_settings()
+        outbound_settings = load(OutboundSettings)
+    except ConfigurationError as error:
+        print(f"app: {error}", file=sys.stderr)
+        return 2
+    # uvicorn re-raises the signal that stopped it once it has drained; a handler of our
+    # own turns that into a normal exit (status 0).
+    signal.signal(signal.SIGTERM, _exit_quietly)
+    signal.signal(signal.SIGINT, _exit_quietly)
+    uvicorn.run(
+        create_app(settings, outbound_settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        proxy_headers=False,  # the edge resolves clients; the app does not need them
+        server_header=False,
+        access_log=False,
+        log_config=log_config(settings.log_level.value),
+        # Longer than a turn may take, so a turn under way when SIGTERM comes finishes
+        # and its memory write is not lost.
+        timeout_graceful_shutdown=settings.drain_timeout,
+    )
+    return 0
 
 
-app = Starlette(
-    routes=[
-        Route("/", hello),
-        Route("/echo", echo, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-        Route("/events", events),
-        WebSocketRoute("/ws", websocket_echo),
-    ]
-)
+def _exit_quietly(signum: int, frame: FrameType | None) -> None:
+    return None
 
 
 if __name__ == "__main__":
-    settings = DemoSettings()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    sys.exit(main())

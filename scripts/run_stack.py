@@ -1,7 +1,9 @@
 """`make run`: the whole stack in the foreground; Ctrl-C (or SIGTERM) stops every process.
 
-Starts the internal app on APP_PORT (default 8000) and the edge on EDGE_PORT (default 8080)
-in front of it. If one process dies, the others are stopped too and the exit status says so.
+Starts, in order: the provider simulator on SIM_PORT (9100) unless both GROQ_API_KEY and
+ELEVENLABS_API_KEY are set, the internal app on APP_PORT (8000), and the edge on EDGE_PORT
+(8080) in front of it. If one process dies, the others are stopped too and the exit
+status says so.
 """
 
 from __future__ import annotations
@@ -39,6 +41,13 @@ def main() -> int:
     app_port = env.setdefault("APP_PORT", "8000")
     env.setdefault("EDGE_UPSTREAM_URL", f"http://127.0.0.1:{app_port}")
     edge_port = env.get("EDGE_PORT") or env.get("PORT") or "8080"
+    simulated = not (env.get("GROQ_API_KEY") and env.get("ELEVENLABS_API_KEY"))
+    if simulated:
+        sim_port = env.setdefault("SIM_PORT", "9100")
+        env["GROQ_BASE_URL"] = f"http://127.0.0.1:{sim_port}/openai/v1"
+        env["ELEVENLABS_BASE_URL"] = f"http://127.0.0.1:{sim_port}"
+        env.setdefault("GROQ_API_KEY", "simulated")
+        env.setdefault("ELEVENLABS_API_KEY", "simulated")
 
     processes: list[subprocess.Popen[bytes]] = []
     stopping = False
@@ -51,9 +60,15 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
 
     try:
+        if simulated:
+            sim = start("provider simulator (no API keys set)", "sim", env)
+            processes.append(sim)
+            if not wait_until_up(f"http://127.0.0.1:{sim_port}/_sim/health", sim):
+                print("run: the simulator did not come up", file=sys.stderr)
+                return 1
         app = start("app", "app", env)
         processes.append(app)
-        if not wait_until_up(f"http://127.0.0.1:{app_port}/", app):
+        if not wait_until_up(f"http://127.0.0.1:{app_port}/api/v1/ready", app):
             print("run: the app did not come up", file=sys.stderr)
             return 1
         edge = start("edge", "edge", env)

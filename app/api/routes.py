@@ -1,0 +1,303 @@
+"""The API under /api/v1: sessions, turns, reply audio, health and readiness."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
+
+from app.api import models
+from app.api.errors import ApiError
+from app.audio import AudioFormat, AudioRejected, inspect_upload
+from app.companion import (
+    Companion,
+    NoSpeech,
+    ReplyUnavailable,
+    SessionNotFound,
+    TranscriptionUnavailable,
+    TurnTimedOut,
+)
+from app.memory.store import MemoryUnavailable
+from app.settings import AppSettings
+from app.workflow.state import Conversation
+
+router = APIRouter()
+
+# Beyond the audio itself, what a multipart body may carry (boundaries, part headers).
+MULTIPART_ALLOWANCE = 64 * 1024
+TEXT_BODY_LIMIT = 256 * 1024
+
+AUDIO_REJECTION_STATUS = {
+    "audio_empty": 400,
+    "audio_too_large": 413,
+    "audio_unsupported": 415,
+    "audio_undecodable": 422,
+    "audio_too_long": 422,
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": models.ErrorEnvelope} for status in statuses}
+
+
+def companion_of(request: Request) -> Companion:
+    companion: Companion = request.app.state.companion
+    return companion
+
+
+def settings_of(request: Request) -> AppSettings:
+    settings: AppSettings = request.app.state.settings
+    return settings
+
+
+def audio_url(audio_id: str | None) -> str | None:
+    return f"/api/v1/audio/{audio_id}" if audio_id else None
+
+
+@router.post("/sessions", status_code=201, response_model=models.SessionCreated, tags=["sessions"])
+async def create_session(request: Request) -> models.SessionCreated:
+    """Starts a conversation. The session id is unguessable: whoever holds it can continue
+    the conversation, read it and delete it."""
+    session_id, created_at = await companion_of(request).create_session()
+    return models.SessionCreated(session_id=session_id, created_at=created_at)
+
+
+@router.get("/sessions/{session_id}", response_model=models.Session, responses=error_responses(404), tags=["sessions"])
+async def get_session(session_id: str, request: Request) -> models.Session:
+    """The session and its messages, oldest first. 404 if the id is unknown or malformed."""
+    conversation = await _session(request, session_id)
+    return models.Session(
+        session_id=conversation["session_id"],
+        created_at=conversation["created_at"],
+        updated_at=conversation.get("updated_at", conversation["created_at"]),
+        messages=[
+            models.SessionMessage(
+                role=message["role"],
+                text=message["text"],
+                at=message["at"],
+                audio_url=audio_url(message.get("audio_id")),
+            )
+            for message in conversation.get("messages", [])
+        ],
+    )
+
+
+@router.delete("/sessions/{session_id}", status_code=204, responses=error_responses(404, 503), tags=["sessions"])
+async def delete_session(session_id: str, request: Request) -> Response:
+    """Deletes the session with everything it left: conversation state, long-term
+    memories and reply audio. 503 if the memory store cannot be reached: nothing is
+    deleted then, so that nothing is left behind; try again."""
+    try:
+        await companion_of(request).delete_session(session_id)
+    except SessionNotFound:
+        raise _not_found() from None
+    except MemoryUnavailable:
+        raise ApiError(
+            503, "memory_unavailable", "The session cannot be deleted completely right now. Please try again."
+        ) from None
+    return Response(status_code=204)
+
+
+TURN_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": models.TextTurn.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["audio"],
+                    "properties": {"audio": {"type": "string", "format": "binary"}},
+                }
+            },
+        },
+    }
+}
+
+
+@router.post(
+    "/sessions/{session_id}/turns",
+    response_model=models.TurnResult,
+    openapi_extra=TURN_REQUEST_BODY,
+    responses=error_responses(400, 404, 413, 415, 422, 503, 504),
+    tags=["turns"],
+)
+async def take_turn(session_id: str, request: Request) -> models.TurnResult:
+    """One turn of the conversation: the person speaks (or types), the companion answers.
+
+    Send either JSON `{"text": "..."}` (1 to APP_MAX_TEXT_CHARS characters after trimming)
+    or `multipart/form-data` with the recording in the field `audio`. The audio format is
+    read from the bytes - WAV, MP3, OGG/Opus, WebM/Opus, M4A/MP4 or FLAC - whatever the
+    file name says. Refused: an empty file (400), over APP_MAX_AUDIO_BYTES (413), another
+    format (415), a broken file or one longer than APP_MAX_AUDIO_SECONDS (422), speech with
+    no words in it (422).
+
+    The answer has the transcript, the reply, and the reply as speech (`audio_url`, null
+    if speech synthesis was unavailable). `degraded` lists what was skipped: `memory`,
+    `speech`, `summary`. When the transcriber is unavailable a voice turn gets 503
+    `transcription_unavailable` (text turns still work); when the language model is
+    unavailable, 503 `reply_unavailable` with `Retry-After` - the person's words are kept
+    in the session. A turn that takes longer than APP_TURN_TIMEOUT_S gets 504 and leaves
+    the session as it was.
+    """
+    companion, settings = companion_of(request), settings_of(request)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        text = await _text_turn(request, settings)
+        call = companion.take_turn(session_id, text=text)
+    elif content_type == "multipart/form-data":
+        audio = await _voice_turn_audio(request, settings)
+        audio_format, _ = _inspect(audio, settings)
+        call = companion.take_turn(session_id, audio=audio, audio_format=audio_format)
+    else:
+        raise ApiError(415, "unsupported_media_type", 'Send JSON {"text": ...} or multipart/form-data with `audio`.')
+    try:
+        result = await call
+    except SessionNotFound:
+        raise _not_found() from None
+    except TranscriptionUnavailable:
+        raise ApiError(
+            503,
+            "transcription_unavailable",
+            "Voice can't be understood right now. Please try again shortly, or type your message.",
+            headers={"retry-after": "5"},
+        ) from None
+    except NoSpeech:
+        raise ApiError(422, "no_speech", "No words were heard in the recording.") from None
+    except ReplyUnavailable as unavailable:
+        raise ApiError(
+            503,
+            "reply_unavailable",
+            "A reply can't be given right now; your message was kept. Please try again shortly.",
+            headers={"retry-after": str(max(1, math.ceil(unavailable.retry_after)))},
+        ) from None
+    except TurnTimedOut:
+        raise ApiError(504, "turn_timeout", "The reply took too long; nothing was changed. Please try again.") from None
+    return models.TurnResult(
+        turn_id=result.turn_id,
+        transcript=result.transcript,
+        reply=result.reply,
+        audio_url=audio_url(result.audio_id),
+        degraded=result.degraded,
+        timings_ms=result.timings_ms,
+    )
+
+
+@router.get(
+    "/audio/{audio_id}",
+    response_class=FileResponse,
+    responses={200: {"content": {"audio/mpeg": {}}}, **error_responses(404)},
+    tags=["audio"],
+)
+async def get_audio(audio_id: str, request: Request) -> FileResponse:
+    """A reply's speech, with its real content type. Ids are 32 lower-case hex digits;
+    audio is kept for APP_AUDIO_RETENTION_HOURS."""
+    found = companion_of(request).services.audio.find(audio_id)
+    if found is None:
+        raise _not_found()
+    path, content_type = found
+    return FileResponse(path, media_type=content_type)
+
+
+@router.get("/health", response_model=models.Liveness, tags=["operations"])
+async def health() -> models.Liveness:
+    """Liveness: the process answers. Dependencies are `/ready`'s business."""
+    return models.Liveness(status="alive")
+
+
+@router.get(
+    "/ready",
+    response_model=models.Readiness,
+    responses={503: {"model": models.Readiness}},
+    tags=["operations"],
+)
+async def ready(request: Request) -> Response:
+    """Readiness: a real query on the conversation database and on the memory store, and
+    the breaker state of each outside service. 503 when the database is down; the memory
+    store and the providers are reported but do not fail readiness - turns degrade
+    without them."""
+    companion = companion_of(request)
+    database = await companion.checkpoints.check()
+    memory = await companion.services.memory.check()
+    body = models.Readiness(
+        status="ready" if database else "unavailable",
+        checks={"database": "up" if database else "down", "memory": "up" if memory else "down"},
+        breakers=request.app.state.outbound.states(),
+    )
+    return Response(
+        body.model_dump_json(),
+        status_code=200 if database else 503,
+        media_type="application/json",
+        headers={"cache-control": "no-store"},
+    )
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+async def _session(request: Request, session_id: str) -> Conversation:
+    try:
+        return await companion_of(request).session(session_id)
+    except SessionNotFound:
+        raise _not_found() from None
+
+
+def _not_found() -> ApiError:
+    return ApiError(404, "not_found", "There is no such session or audio.")
+
+
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", "The request body is too large.")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "body_too_large", "The request body is too large.")
+    return bytes(body)
+
+
+async def _text_turn(request: Request, settings: AppSettings) -> str:
+    raw = await _read_capped(request, TEXT_BODY_LIMIT)
+    try:
+        turn = models.TextTurn.model_validate_json(raw)
+    except ValidationError as error:
+        details = [
+            {"field": ".".join(str(part) for part in problem["loc"]), "problem": problem["msg"]}
+            for problem in error.errors()
+        ]
+        raise ApiError(422, "invalid_request", 'Send JSON {"text": "..."}.', details=details) from None
+    text = turn.text.strip()
+    if not text:
+        raise ApiError(422, "text_empty", "The message is empty.")
+    if len(text) > settings.max_text_chars:
+        raise ApiError(422, "text_too_long", f"The message is longer than {settings.max_text_chars} characters.")
+    return text
+
+
+async def _voice_turn_audio(request: Request, settings: AppSettings) -> bytes:
+    limit = settings.max_audio_bytes + MULTIPART_ALLOWANCE
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "audio_too_large", f"The recording is larger than {settings.max_audio_bytes} bytes.")
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+    except MultiPartException:
+        raise ApiError(400, "invalid_request", "The upload is not valid multipart/form-data.") from None
+    upload = form.get("audio")
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, "audio_missing", "Send the recording in the form field `audio`.")
+    return await upload.read(settings.max_audio_bytes + 1)
+
+
+def _inspect(audio: bytes, settings: AppSettings) -> tuple[AudioFormat, float | None]:
+    try:
+        return inspect_upload(audio, max_bytes=settings.max_audio_bytes, max_seconds=settings.max_audio_seconds)
+    except AudioRejected as rejected:
+        raise ApiError(AUDIO_REJECTION_STATUS.get(rejected.code, 422), rejected.code, rejected.message) from None

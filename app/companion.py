@@ -1,0 +1,189 @@
+"""Sessions and turns: what the API asks of the app, in the app's own words.
+
+A turn runs the workflow once. Its state is saved only when the run ends (LangGraph's
+`durability="exit"`): a turn cut off by the timeout leaves the session as it was before
+the turn. When the language model is down the run still ends normally, keeping the
+user's words without a reply. Turns of one session run one at a time in a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, cast
+
+from langchain_core.runnables import RunnableConfig
+
+from app.audio import AudioFormat
+from app.memory.store import MemoryUnavailable
+from app.providers.errors import ProviderError
+from app.storage.conversations import Checkpoints
+from app.workflow.graph import TurnGraph
+from app.workflow.nodes import NothingHeard, now
+from app.workflow.state import Conversation, Services, Turn, TurnContext
+
+logger = logging.getLogger("app.companion")
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
+
+
+class SessionNotFound(Exception):
+    pass
+
+
+class TranscriptionUnavailable(Exception):
+    pass
+
+
+class NoSpeech(Exception):
+    pass
+
+
+class ReplyUnavailable(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("reply unavailable")
+        self.retry_after = retry_after
+
+
+class TurnTimedOut(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    turn_id: str
+    transcript: str
+    reply: str
+    audio_id: str | None
+    degraded: list[str]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+class Companion:
+    def __init__(self, graph: TurnGraph, checkpoints: Checkpoints, services: Services) -> None:
+        self.graph = graph
+        self.checkpoints = checkpoints
+        self.services = services
+        self._turn_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    # -- sessions --------------------------------------------------------------------------
+
+    async def create_session(self) -> tuple[str, str]:
+        session_id = secrets.token_urlsafe(24)  # 32 characters, 192 random bits
+        created_at = now()
+        initial: Conversation = {
+            "session_id": session_id,
+            "created_at": created_at,
+            "updated_at": created_at,
+            "messages": [],
+            "summary": "",
+            "summarised": 0,
+        }
+        await self.graph.aupdate_state(_config(session_id), initial, as_node="__start__")
+        return session_id, created_at
+
+    async def session(self, session_id: str) -> Conversation:
+        if not SESSION_ID.match(session_id):
+            raise SessionNotFound
+        snapshot = await self.graph.aget_state(_config(session_id))
+        values = cast(Conversation, snapshot.values)
+        if not values.get("session_id"):
+            raise SessionNotFound
+        return values
+
+    async def delete_session(self, session_id: str) -> None:
+        """Removes everything the session left: its state, its memories and its audio."""
+        conversation = await self.session(session_id)
+        await self.services.memory.forget_session(session_id)  # MemoryUnavailable: keep all, retry later
+        self.services.audio.delete(
+            [message["audio_id"] for message in conversation["messages"] if "audio_id" in message]
+        )
+        await self.checkpoints.saver.adelete_thread(session_id)
+
+    # -- turns -------------------------------------------------------------------------------
+
+    async def take_turn(
+        self,
+        session_id: str,
+        *,
+        text: str | None = None,
+        audio: bytes | None = None,
+        audio_format: AudioFormat | None = None,
+    ) -> TurnResult:
+        await self.session(session_id)
+        lock = self._turn_locks.get(session_id)
+        if lock is None:
+            lock = self._turn_locks[session_id] = asyncio.Lock()
+        async with lock:
+            return await self._run_turn(session_id, text, audio, audio_format)
+
+    async def _run_turn(
+        self, session_id: str, text: str | None, audio: bytes | None, audio_format: AudioFormat | None
+    ) -> TurnResult:
+        turn: Turn = {"turn_id": uuid.uuid4().hex, "degraded": [], "timings_ms": {}}
+        if text is not None:
+            turn["text"] = text
+        context = TurnContext(self.services, audio=audio, audio_format=audio_format)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.services.settings.turn_timeout_s):
+                final: dict[str, Any] = await self.graph.ainvoke(
+                    {"turn": turn}, _config(session_id), context=context, durability="exit"
+                )
+        except TimeoutError:
+            logger.warning("turn timed out; session left as it was", extra={"session_turn": turn["turn_id"]})
+            raise TurnTimedOut from None
+        except NothingHeard:
+            raise NoSpeech from None
+        except ProviderError as error:  # only the transcriber's failures end a turn this way
+            logger.warning("transcription unavailable: %s", error.reason)
+            raise TranscriptionUnavailable from None
+        await self.checkpoints.keep_latest(session_id)
+        result: Turn = final["turn"]
+        result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 1)
+        if result.get("reply_unavailable"):
+            raise ReplyUnavailable(result.get("retry_after", 5.0))
+        return TurnResult(
+            turn_id=result["turn_id"],
+            transcript=result.get("transcript", ""),
+            reply=result.get("reply", ""),
+            audio_id=result.get("audio_id"),
+            degraded=list(result["degraded"]),
+            timings_ms=result["timings_ms"],
+        )
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    async def sweep(self) -> tuple[int, int]:
+        """Deletes sessions idle past the retention period and audio past its own; counts."""
+        settings = self.services.settings
+        removed_audio = self.services.audio.delete_older_than(settings.audio_retention_hours * 3600)
+        cutoff = time.time() - settings.session_retention_days * 86400
+        removed_sessions = 0
+        for session_id in await self.checkpoints.thread_ids():
+            try:
+                conversation = await self.session(session_id)
+                if _timestamp(conversation.get("updated_at", "")) < cutoff:
+                    await self.delete_session(session_id)
+                    removed_sessions += 1
+            except (SessionNotFound, MemoryUnavailable):
+                continue
+        return removed_sessions, removed_audio
+
+
+def _config(session_id: str) -> RunnableConfig:
+    return {"configurable": {"thread_id": session_id}}
+
+
+def _timestamp(iso: str) -> float:
+    try:
+        return datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return 0.0

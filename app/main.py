@@ -1,0 +1,123 @@
+"""The internal app: FastAPI around the turn workflow, wired to its stores and providers.
+
+Start-up opens, in order: the outbound transport and the provider clients on it, the
+memory store (a failure here only degrades turns), the reply-audio directory, the
+conversation checkpointer and the turn graph; then the hourly retention sweep. Shutdown
+closes them in reverse, after uvicorn has let in-flight turns finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from qdrant_client import AsyncQdrantClient
+
+from app.api.errors import install_error_handlers
+from app.api.routes import router
+from app.companion import Companion
+from app.memory.embedding import HashingEmbedder
+from app.memory.store import MemoryStore, MemoryUnavailable
+from app.observability import RequestContextMiddleware
+from app.outbound import Outbound, OutboundSettings
+from app.providers.elevenlabs import ElevenLabs
+from app.providers.groq import Groq
+from app.settings import AppSettings
+from app.storage.audio import AudioStore
+from app.storage.conversations import open_checkpoints
+from app.workflow.graph import build_graph
+from app.workflow.state import Services
+from common.telemetry import configure_telemetry
+
+logger = logging.getLogger("app")
+
+SWEEP_INTERVAL_S = 3600.0
+
+
+def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> FastAPI:
+    telemetry = configure_telemetry(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        outbound = Outbound(outbound_settings, tracer=telemetry.tracer, meter=telemetry.meter)
+        groq = Groq(outbound.client("groq", settings.groq_base_url, headers=_bearer(settings)))
+        elevenlabs = ElevenLabs(outbound.client("elevenlabs", settings.elevenlabs_base_url, headers=_xi_key(settings)))
+        qdrant = _qdrant(settings, outbound)
+        memory = MemoryStore(qdrant, HashingEmbedder(), duplicate_similarity=settings.memory_duplicate_similarity)
+        try:
+            await memory.setup()
+        except MemoryUnavailable:
+            logger.warning("memory store unavailable at start-up; turns go without memories until it is back")
+        audio = AudioStore(settings.data_dir / "audio")
+        audio.setup()
+        async with open_checkpoints(settings) as checkpoints:
+            services = Services(settings=settings, groq=groq, elevenlabs=elevenlabs, memory=memory, audio=audio)
+            companion = Companion(build_graph(checkpoints.saver), checkpoints, services)
+            app.state.settings = settings
+            app.state.outbound = outbound
+            app.state.companion = companion
+            sweeper = asyncio.create_task(_sweep_periodically(companion))
+            # What start-up built lives as long as the process: kept out of every garbage
+            # collection from now on.
+            gc.collect()
+            gc.freeze()
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+                await outbound.aclose()
+                await qdrant.close()
+                telemetry.shutdown()
+
+    docs = settings.docs_enabled
+    app = FastAPI(
+        title="Voice companion",
+        version="1",
+        summary="A voice companion: speak, be heard, be answered, be remembered.",
+        lifespan=lifespan,
+        docs_url="/api/v1/docs" if docs else None,
+        openapi_url="/api/v1/openapi.json" if docs else None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.include_router(router, prefix="/api/v1")
+    app.add_middleware(RequestContextMiddleware, tracer=telemetry.tracer)
+    return app
+
+
+def _bearer(settings: AppSettings) -> dict[str, str]:
+    key = settings.groq_api_key.get_secret_value() if settings.groq_api_key else ""
+    return {"authorization": f"Bearer {key}"}
+
+
+def _xi_key(settings: AppSettings) -> dict[str, str]:
+    return {"xi-api-key": settings.elevenlabs_api_key.get_secret_value() if settings.elevenlabs_api_key else ""}
+
+
+def _qdrant(settings: AppSettings, outbound: Outbound) -> AsyncQdrantClient:
+    if settings.qdrant_url is None:
+        # Embedded: no server, files under the data directory, one process at a time.
+        return AsyncQdrantClient(path=str(settings.data_dir / "qdrant"))
+    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    # Its REST calls go through the shared transport like every other outbound call.
+    return AsyncQdrantClient(
+        url=settings.qdrant_url, api_key=api_key, **outbound.httpx_kwargs("qdrant", settings.qdrant_url)
+    )
+
+
+async def _sweep_periodically(companion: Companion) -> None:
+    while True:
+        try:
+            sessions, audio = await companion.sweep()
+            if sessions or audio:
+                logger.info("retention sweep", extra={"sessions_deleted": sessions, "audio_deleted": audio})
+        except Exception:  # the sweep must outlive a bad hour; the next one retries
+            logger.exception("retention sweep failed")
+        await asyncio.sleep(SWEEP_INTERVAL_S)

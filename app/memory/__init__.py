@@ -1,0 +1,1 @@
+"""Long-term memory: facts about a person, kept across sessions' turns, never shared."""

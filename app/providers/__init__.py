@@ -1,0 +1,1 @@
+"""Clients for the outside services the app depends on, each on the shared outbound transport."""

@@ -1,0 +1,106 @@
+"""The internal app's configuration: read once from the environment, validated at start-up.
+
+Every setting is documented in docs/configuration.md (a test keeps the two in sync). The
+app knows nothing of edge concerns: no CORS, rate limit, security-header or size-limit
+settings live here, only what the app itself needs (its own upload cap protects the
+transcriber's 25 MB limit and the app's memory even when it runs without the edge).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from common.settings import Environment, LogLevel, OtelSettings, load
+
+
+class AppSettings(OtelSettings):
+    model_config = SettingsConfigDict(env_prefix="APP_", frozen=True, extra="ignore", populate_by_name=True)
+
+    environment: Environment = Field(Environment.development, validation_alias=AliasChoices("ENVIRONMENT"))
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    qdrant_url: str | None = None
+    qdrant_api_key: SecretStr | None = None
+    docs_enabled: bool = False
+    log_level: LogLevel = LogLevel.info
+    drain_timeout: int = Field(65, ge=0)
+
+    turn_timeout_s: float = Field(60.0, gt=0, le=600)
+    max_audio_bytes: int = Field(10 * 1024 * 1024, ge=1024, le=25 * 1024 * 1024)
+    max_audio_seconds: float = Field(120.0, gt=0, le=1800)
+    max_text_chars: int = Field(2000, ge=1, le=20000)
+
+    groq_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("GROQ_API_KEY"))
+    groq_base_url: str = Field("https://api.groq.com/openai/v1", validation_alias=AliasChoices("GROQ_BASE_URL"))
+    elevenlabs_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("ELEVENLABS_API_KEY"))
+    elevenlabs_base_url: str = Field("https://api.elevenlabs.io", validation_alias=AliasChoices("ELEVENLABS_BASE_URL"))
+    elevenlabs_voice_id: str = Field(
+        "21m00Tcm4TlvDq8ikWAM",
+        pattern=r"^[A-Za-z0-9]{1,64}$",
+        validation_alias=AliasChoices("ELEVENLABS_VOICE_ID"),
+    )
+    chat_model: str = "llama-3.3-70b-versatile"
+    memory_model: str = "llama-3.1-8b-instant"
+    transcription_model: str = "whisper-large-v3-turbo"
+    speech_model: str = "eleven_flash_v2_5"
+    speech_output_format: str = "mp3_44100_128"
+
+    memory_recall_limit: int = Field(5, ge=1, le=50)
+    memory_duplicate_similarity: float = Field(0.9, gt=0, le=1)
+    summarise_after_messages: int = Field(30, ge=6, le=1000)
+    keep_recent_messages: int = Field(10, ge=2, le=100)
+    session_retention_days: float = Field(7.0, gt=0)
+    audio_retention_hours: float = Field(24.0, gt=0)
+
+    otel_service_name: str = Field("app", validation_alias=AliasChoices("OTEL_SERVICE_NAME"))
+
+    @field_validator("groq_base_url", "elevenlabs_base_url", "qdrant_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        if urlsplit(value).scheme not in ("postgres", "postgresql"):
+            raise ValueError("must be a postgresql:// URL (SQLite under APP_DATA_DIR is used when unset)")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_in_production(self) -> AppSettings:
+        # A missing key in production is a start-up error, not a 500 on the first turn.
+        if self.environment == Environment.production:
+            missing = [
+                name
+                for name, key in (
+                    ("GROQ_API_KEY", self.groq_api_key),
+                    ("ELEVENLABS_API_KEY", self.elevenlabs_api_key),
+                )
+                if key is None or not key.get_secret_value().strip()
+            ]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} must be set when ENVIRONMENT=production")
+        if self.keep_recent_messages >= self.summarise_after_messages:
+            raise ValueError("APP_KEEP_RECENT_MESSAGES must be below APP_SUMMARISE_AFTER_MESSAGES")
+        return self
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.database_url is not None
+
+
+def load_settings() -> AppSettings:
+    return load(AppSettings)

@@ -1,0 +1,1 @@
+"""Where the app keeps things: conversation checkpoints and reply audio."""

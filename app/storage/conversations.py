@@ -1,0 +1,100 @@
+"""Conversation state in a LangGraph checkpointer: SQLite under `APP_DATA_DIR` by default,
+PostgreSQL when `APP_DATABASE_URL` is set, so several app replicas share sessions.
+
+One thread per session. After each turn only the latest checkpoint of the thread is kept
+(and its pending writes): the history of checkpoints is never read, and keeping it grew
+the database by a full copy of the conversation per turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aiosqlite
+from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+from psycopg import AsyncConnection
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from app.settings import AppSettings
+
+# AsyncSqliteSaver does not implement pruning; checkpoint ids are time-ordered.
+PRUNE_SQLITE_WRITES = """
+DELETE FROM writes WHERE thread_id = ? AND checkpoint_id <> (
+    SELECT max(checkpoint_id) FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ''
+)"""
+PRUNE_SQLITE_CHECKPOINTS = """
+DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_id <> (
+    SELECT max(checkpoint_id) FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ''
+)"""
+
+
+@dataclass
+class Checkpoints:
+    """The checkpointer, plus the few things LangGraph's interface does not offer."""
+
+    saver: BaseCheckpointSaver[str]
+    sqlite: aiosqlite.Connection | None = None
+    postgres: AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
+
+    async def keep_latest(self, thread_id: str) -> None:
+        if self.postgres is not None:
+            assert isinstance(self.saver, AsyncPostgresSaver)
+            await self.saver.aprune([thread_id], strategy="keep_latest")
+        elif self.sqlite is not None:
+            # AsyncSqliteSaver does not implement pruning; checkpoint ids are time-ordered.
+            await self.sqlite.execute(PRUNE_SQLITE_WRITES, (thread_id, thread_id))
+            await self.sqlite.execute(PRUNE_SQLITE_CHECKPOINTS, (thread_id, thread_id))
+            await self.sqlite.commit()
+
+    async def thread_ids(self) -> list[str]:
+        query = "SELECT DISTINCT thread_id FROM checkpoints"
+        if self.postgres is not None:
+            async with self.postgres.connection() as connection:
+                rows = await (await connection.execute(query)).fetchall()
+            return [str(row["thread_id"]) for row in rows]
+        if self.sqlite is not None:
+            async with self.sqlite.execute(query) as cursor:
+                return [str(row[0]) async for row in cursor]
+        return []
+
+    async def check(self) -> bool:
+        """A real query on the database, for readiness."""
+        try:
+            if self.postgres is not None:
+                async with self.postgres.connection() as connection:
+                    await connection.execute("SELECT 1 FROM checkpoints LIMIT 1")
+            elif self.sqlite is not None:
+                await self.sqlite.execute("SELECT 1 FROM checkpoints LIMIT 1")
+        except Exception:  # any driver error means "not usable now"
+            return False
+        return True
+
+
+@asynccontextmanager
+async def open_checkpoints(settings: AppSettings) -> AsyncIterator[Checkpoints]:
+    if settings.database_url is not None:
+        pool: AsyncConnectionPool[AsyncConnection[DictRow]] = AsyncConnectionPool(
+            settings.database_url,
+            min_size=1,
+            max_size=10,
+            open=False,
+            # What LangGraph's Postgres saver needs of its connections.
+            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+        )
+        await pool.open(wait=True, timeout=10)
+        try:
+            postgres_saver = AsyncPostgresSaver(pool)
+            await postgres_saver.setup()
+            yield Checkpoints(postgres_saver, postgres=pool)
+        finally:
+            await pool.close()
+    else:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        async with AsyncSqliteSaver.from_conn_string(str(settings.data_dir / "conversations.db")) as sqlite_saver:
+            await sqlite_saver.setup()
+            yield Checkpoints(sqlite_saver, sqlite=sqlite_saver.conn)

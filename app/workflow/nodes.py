@@ -1,0 +1,170 @@
+"""The steps of a turn. Each takes the conversation and the run's context and returns the
+state updates it makes; a step that depends on an optional service degrades instead of
+failing the turn, and says so in the turn's `degraded` list.
+
+transcribe -> recall -> reply -> speak -> remember -> summarise
+                          \\-> (reply unavailable) end: the user's words are kept
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from langgraph.runtime import Runtime
+
+from app.memory.store import MemoryUnavailable
+from app.providers.errors import ProviderError
+from app.workflow import prompts
+from app.workflow.state import Conversation, Degradation, Message, Turn, TurnContext
+
+# When the language model is down and nobody said when to come back.
+DEFAULT_RETRY_AFTER = 5.0
+RECALL_FROM_LAST_MESSAGES = 3
+
+
+class NothingHeard(Exception):
+    """The transcription came back empty: there was no speech to answer."""
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def timed(turn: Turn, step: str, started: float, **changes: Any) -> Turn:
+    timings = {**turn["timings_ms"], step: round((time.perf_counter() - started) * 1000, 1)}
+    return {**turn, **changes, "timings_ms": timings}  # type: ignore[typeddict-item]
+
+
+def degrade(turn: Turn, what: Degradation) -> list[Degradation]:
+    return turn["degraded"] if what in turn["degraded"] else [*turn["degraded"], what]
+
+
+async def transcribe(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
+    """A voice turn's words from the transcriber; a text turn's as typed."""
+    started = time.perf_counter()
+    turn, context = state["turn"], runtime.context
+    services = context.services
+    if context.audio is not None and context.audio_format is not None:
+        transcript = await services.groq.transcribe(
+            services.settings.transcription_model,
+            context.audio,
+            # The transcriber goes by the file name: it must match what the bytes are.
+            f"speech.{context.audio_format.extension}",
+            context.audio_format.content_type,
+        )
+        if not transcript:
+            raise NothingHeard
+    else:
+        transcript = turn.get("text", "")
+    message: Message = {"role": "user", "text": transcript, "at": now(), "turn_id": turn["turn_id"]}
+    return {
+        "turn": timed(turn, "transcribe", started, transcript=transcript),
+        "messages": [message],
+        "updated_at": message["at"],
+    }
+
+
+async def recall(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
+    """Long-term memories of this person that the last few messages bring up."""
+    started = time.perf_counter()
+    turn, services = state["turn"], runtime.context.services
+    query = " ".join(message["text"] for message in state["messages"][-RECALL_FROM_LAST_MESSAGES:])
+    try:
+        found = await services.memory.recall(state["session_id"], query, services.settings.memory_recall_limit)
+    except MemoryUnavailable:
+        return {"turn": timed(turn, "recall", started, memories=[], degraded=degrade(turn, "memory"))}
+    return {"turn": timed(turn, "recall", started, memories=[memory.text for memory in found])}
+
+
+async def reply(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
+    """The companion's answer, from the persona, summary, recent messages and memories."""
+    started = time.perf_counter()
+    turn, services = state["turn"], runtime.context.services
+    recent = state["messages"][state.get("summarised", 0) :]
+    prompt = prompts.reply_prompt(state.get("summary", ""), recent, turn.get("memories", []))
+    try:
+        text = await services.groq.chat(services.settings.chat_model, prompt)
+    except ProviderError as error:
+        retry_after = error.retry_after if error.retry_after is not None else DEFAULT_RETRY_AFTER
+        return {"turn": timed(turn, "reply", started, reply_unavailable=True, retry_after=retry_after)}
+    return {"turn": timed(turn, "reply", started, reply=text)}
+
+
+def after_reply(state: Conversation) -> str:
+    return "end" if state["turn"].get("reply_unavailable") else "speak"
+
+
+async def speak(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
+    """The answer as speech, kept as a file; the text stands alone if speech fails."""
+    started = time.perf_counter()
+    turn, services = state["turn"], runtime.context.services
+    text = turn.get("reply", "")
+    message: Message = {"role": "assistant", "text": text, "at": now(), "turn_id": turn["turn_id"]}
+    try:
+        audio, content_type = await services.elevenlabs.speak(
+            text,
+            voice_id=services.settings.elevenlabs_voice_id,
+            model=services.settings.speech_model,
+            output_format=services.settings.speech_output_format,
+        )
+    except ProviderError:
+        changes: dict[str, Any] = {"degraded": degrade(turn, "speech")}
+    else:
+        audio_id = services.audio.save(audio, content_type)
+        message["audio_id"] = audio_id
+        changes = {"audio_id": audio_id}
+    return {
+        "turn": timed(turn, "speak", started, **changes),
+        "messages": [message],
+        "updated_at": message["at"],
+    }
+
+
+async def remember(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
+    """A lasting fact from what the user just said, if there is one and it is new."""
+    started = time.perf_counter()
+    turn, services = state["turn"], runtime.context.services
+    if "memory" in turn["degraded"]:
+        return {"turn": timed(turn, "remember", started)}  # the store is down: nothing to write to
+    try:
+        answer = await services.groq.chat(
+            services.settings.memory_model,
+            prompts.memory_prompt(turn.get("transcript", "")),
+            json_object=True,
+        )
+        fact = _fact(answer)
+        if fact:
+            await services.memory.remember(state["session_id"], fact)
+    except (ProviderError, MemoryUnavailable):
+        return {"turn": timed(turn, "remember", started, degraded=degrade(turn, "memory"))}
+    return {"turn": timed(turn, "remember", started)}
+
+
+async def summarise(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
+    """Folds older messages into the running summary once the conversation is long."""
+    started = time.perf_counter()
+    turn, settings = state["turn"], runtime.context.services.settings
+    messages, summarised = state["messages"], state.get("summarised", 0)
+    if len(messages) - summarised <= settings.summarise_after_messages:
+        return {"turn": timed(turn, "summarise", started)}
+    until = len(messages) - settings.keep_recent_messages
+    try:
+        summary = await runtime.context.services.groq.chat(
+            settings.memory_model,
+            prompts.summary_prompt(state.get("summary", ""), messages[summarised:until]),
+        )
+    except ProviderError:
+        return {"turn": timed(turn, "summarise", started, degraded=degrade(turn, "summary"))}
+    return {"turn": timed(turn, "summarise", started), "summary": summary, "summarised": until}
+
+
+def _fact(answer: str) -> str | None:
+    try:
+        document = json.loads(answer)
+    except ValueError:
+        return None
+    fact = document.get("fact") if isinstance(document, dict) else None
+    return fact.strip() if isinstance(fact, str) and fact.strip() else None
