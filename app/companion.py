@@ -1,9 +1,11 @@
 """Sessions and turns: what the API asks of the app, in the app's own words.
 
-A turn runs the workflow once. Its state is saved only when the run ends (LangGraph's
-`durability="exit"`): a turn cut off by the timeout leaves the session as it was before
-the turn. When the language model is down the run still ends normally, keeping the
-user's words without a reply. Turns of one session run one at a time in a process.
+A turn runs the workflow once. Its state is saved once, when the run ends (LangGraph's
+`durability="exit"`). A turn that does not finish - cut off by the timeout, or without
+words to answer - is rolled back to the checkpoint from before it, since LangGraph also
+saves what a stopped run had done. When the language model is down the run still ends
+normally, keeping the user's words without a reply. Turns of one session run one at a
+time in a process.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class Companion:
         if text is not None:
             turn["text"] = text
         context = TurnContext(self.services, audio=audio, audio_format=audio_format)
+        before = await self.graph.aget_state(_config(session_id))
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self.services.settings.turn_timeout_s):
@@ -138,12 +141,15 @@ class Companion:
                     {"turn": turn}, _config(session_id), context=context, durability="exit"
                 )
         except TimeoutError:
-            logger.warning("turn timed out; session left as it was", extra={"session_turn": turn["turn_id"]})
+            logger.warning("turn timed out; session left as it was", extra={"turn_id": turn["turn_id"]})
+            await self._restore(session_id, before.config)
             raise TurnTimedOut from None
         except NothingHeard:
+            await self._restore(session_id, before.config)
             raise NoSpeech from None
         except ProviderError as error:  # only the transcriber's failures end a turn this way
             logger.warning("transcription unavailable: %s", error.reason)
+            await self._restore(session_id, before.config)
             raise TranscriptionUnavailable from None
         await self.checkpoints.keep_latest(session_id)
         result: Turn = final["turn"]
@@ -158,6 +164,12 @@ class Companion:
             degraded=list(result["degraded"]),
             timings_ms=result["timings_ms"],
         )
+
+    async def _restore(self, session_id: str, before: RunnableConfig) -> None:
+        """Puts the session back as it was before a turn that did not finish: LangGraph saves
+        what a run had done when it stops, even when it was cut off."""
+        await self.graph.aupdate_state(before, None, as_node="__start__")
+        await self.checkpoints.keep_latest(session_id)
 
     # -- housekeeping ------------------------------------------------------------------------
 

@@ -1,0 +1,70 @@
+"""`Outbound`: the one place outbound httpx clients come from, all on one shared transport."""
+
+from __future__ import annotations
+
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+import httpx
+from opentelemetry import metrics, trace
+
+from app.outbound.policy import OutboundSettings
+from app.outbound.telemetry import INSTRUMENTATION_NAME
+from app.outbound.transport import ResilientTransport
+
+
+class Outbound:
+    """Builds the shared `ResilientTransport` and the clients on it.
+
+    Every provider client is built here (`client`), or, for a third-party SDK that builds
+    its own httpx client, from `httpx_kwargs`, so nothing reaches the network any other way.
+    """
+
+    def __init__(
+        self,
+        settings: OutboundSettings,
+        *,
+        tracer: trace.Tracer | None = None,
+        meter: metrics.Meter | None = None,
+        inner: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.transport = ResilientTransport(
+            inner or httpx.AsyncHTTPTransport(trust_env=False),
+            settings.default,
+            tracer or trace.get_tracer(INSTRUMENTATION_NAME),
+            meter or metrics.get_meter(INSTRUMENTATION_NAME),
+        )
+
+    def register(self, name: str, base_url: str) -> None:
+        """Binds the policy called `name` (`default` for names without one) to the authority
+        of `base_url`."""
+        self.transport.bind(base_url, name, self.settings.policy_named(name))
+
+    def client(self, name: str, base_url: str, *, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+        """An AsyncClient for one provider on the shared transport: no redirects followed, no
+        proxy or certificate settings taken from the environment, and no cookies kept
+        (every call stands alone, whoever it is made for)."""
+        self.register(name, base_url)
+        return httpx.AsyncClient(base_url=base_url, headers=headers, **self._client_options())
+
+    def httpx_kwargs(self, name: str, base_url: str) -> dict[str, Any]:
+        """Keyword arguments for a third-party SDK that builds its own httpx.AsyncClient
+        (e.g. `AsyncQdrantClient(url=..., **outbound.httpx_kwargs("qdrant", url))`)."""
+        self.register(name, base_url)
+        return self._client_options()
+
+    def states(self) -> dict[str, str]:
+        """Breaker state per authority (`closed`, `open`, `half_open`), for readiness."""
+        return self.transport.states()
+
+    async def aclose(self) -> None:
+        await self.transport.shutdown()
+
+    def _client_options(self) -> dict[str, Any]:
+        return {
+            "transport": self.transport,
+            "follow_redirects": False,
+            "trust_env": False,
+            "cookies": CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # accepts no cookie
+        }
