@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import FrameType
 
 STOP_TIMEOUT_S = 25
@@ -40,6 +41,7 @@ def main() -> int:
     env = dict(os.environ)
     app_port = env.setdefault("APP_PORT", "8000")
     env.setdefault("EDGE_UPSTREAM_URL", f"http://127.0.0.1:{app_port}")
+    env.setdefault("EDGE_POLICY_FILE", str(Path(__file__).resolve().parent.parent / "config" / "edge-policy.toml"))
     edge_port = env.get("EDGE_PORT") or env.get("PORT") or "8080"
     simulated = not (env.get("GROQ_API_KEY") and env.get("ELEVENLABS_API_KEY"))
     if simulated:

@@ -349,3 +349,10 @@ def test_methods_from_a_file_are_matched_whatever_their_case(tmp_path: Path) -> 
     table = RouteTable.from_policy(policy, "default", lambda rule: rule.rate_limit)
     assert table.lookup("POST", "/api/x") == ("1/second", policy.routes[0])
     assert table.lookup("GET", "/api/x") == ("default", None)
+
+
+def test_the_shipped_policy_file_is_valid_and_lets_voice_uploads_through() -> None:
+    policy = load_policy(Path(__file__).resolve().parent.parent / "config" / "edge-policy.toml")
+    body_limits = RouteTable.from_policy(policy, 1024 * 1024, lambda rule: rule.max_body_bytes)
+    assert body_limits.lookup("POST", "/api/v1/sessions/abc/turns")[0] == 10 * 1024 * 1024
+    assert body_limits.lookup("POST", "/api/v1/sessions")[0] == 1024 * 1024
