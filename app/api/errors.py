@@ -9,6 +9,7 @@ names, stack traces) is ever put in them. Unexpected failures are answered by
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -65,7 +66,21 @@ async def api_error(request: Request, exc: Exception) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code, message = HTTP_ERRORS.get(exc.status_code, ("bad_request", "The request cannot be handled."))
-    return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+    headers = {name: value for name, value in (exc.headers or {}).items() if name.lower() != "allow"}
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route on the path; GET and DELETE
+        # of one resource are two routes, and `Allow` must list both (RFC 9110 15.5.6).
+        headers["allow"] = ", ".join(allowed_methods(request))
+    return error_response(exc.status_code, code, message, headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the API document lists for the requested path."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\{[^/]+\}", "[^/]+", template), request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
 
 
 async def validation_error(request: Request, exc: Exception) -> Response:

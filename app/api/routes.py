@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
+from starlette.exceptions import HTTPException
 
 from app.api import models
 from app.api.errors import ApiError
@@ -288,7 +288,7 @@ async def _voice_turn_audio(request: Request, settings: AppSettings) -> bytes:
         raise ApiError(413, "audio_too_large", f"The recording is larger than {settings.max_audio_bytes} bytes.")
     try:
         form = await request.form(max_files=1, max_fields=4)
-    except MultiPartException:
+    except HTTPException:  # Starlette's answer to a body its multipart parser refuses
         raise ApiError(400, "invalid_request", "The upload is not valid multipart/form-data.") from None
     upload = form.get("audio")
     if not isinstance(upload, UploadFile):

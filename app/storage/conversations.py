@@ -8,6 +8,8 @@ the database by a full copy of the conversation per turn.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -18,9 +20,15 @@ from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.settings import AppSettings
+
+logger = logging.getLogger("app.storage")
+
+# Any fixed number: the advisory lock under which the checkpoint tables are set up.
+SETUP_LOCK = 7_405_112_317
+TRY_SETUP_LOCK = "SELECT pg_try_advisory_lock(%s) AS acquired"
 
 # AsyncSqliteSaver does not implement pruning; checkpoint ids are time-ordered.
 PRUNE_SQLITE_WRITES = """
@@ -86,10 +94,19 @@ async def open_checkpoints(settings: AppSettings) -> AsyncIterator[Checkpoints]:
             # What LangGraph's Postgres saver needs of its connections.
             kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
         )
-        await pool.open(wait=True, timeout=10)
+        try:
+            await pool.open(wait=True, timeout=10)
+        except PoolTimeout:
+            logger.error("the database at APP_DATABASE_URL cannot be reached")
+            raise
         try:
             postgres_saver = AsyncPostgresSaver(pool)
-            await postgres_saver.setup()
+            async with pool.connection() as lock:
+                await _take_setup_lock(lock)
+                try:
+                    await postgres_saver.setup()
+                finally:
+                    await lock.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK,))
             yield Checkpoints(postgres_saver, postgres=pool)
         finally:
             await pool.close()
@@ -98,3 +115,15 @@ async def open_checkpoints(settings: AppSettings) -> AsyncIterator[Checkpoints]:
         async with AsyncSqliteSaver.from_conn_string(str(settings.data_dir / "conversations.db")) as sqlite_saver:
             await sqlite_saver.setup()
             yield Checkpoints(sqlite_saver, sqlite=sqlite_saver.conn)
+
+
+async def _take_setup_lock(connection: AsyncConnection[DictRow]) -> None:
+    """Replicas starting together on a fresh database would each create the tables and
+    collide; one at a time, the later ones find them made. The lock is polled, not waited
+    for: a statement waiting for it would hold a snapshot that the set-up's
+    CREATE INDEX CONCURRENTLY then waits for, forever."""
+    while True:
+        row = await (await connection.execute(TRY_SETUP_LOCK, (SETUP_LOCK,))).fetchone()
+        if row is not None and row["acquired"]:
+            return
+        await asyncio.sleep(0.2)
