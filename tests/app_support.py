@@ -11,14 +11,10 @@ per authority: one stands in for Groq (chat, transcription), the other for Eleve
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
 import secrets
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Coroutine, Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict, TypeVar, cast
@@ -33,14 +29,13 @@ from app.main import create_app
 from app.outbound import HostPolicy, OutboundSettings
 from app.settings import AppSettings
 from edge.policy import Policy, RouteRule
+from tests.processes import ServiceProcess, running_process, start_process
 from tests.servers import RunningEdge, ServerThread, closed_port, serve, start_edge
 from tests.sim_support import ELEVEN_KEY, GROQ_KEY, start_sim
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 API = "/api/v1"
 MIB = 1024 * 1024
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-START_TIMEOUT = 30.0
 
 T = TypeVar("T")
 Route = Literal["chat", "transcribe", "speech"]
@@ -227,82 +222,14 @@ def running_app(settings: AppSettings, outbound: OutboundSettings | None = None)
 # -- the app as a process ------------------------------------------------------------------------------------
 
 
-@dataclass
-class AppProcess:
-    """`python -m app` with its own environment, output captured to files."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    stdout_path: Path
-    stderr_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def output(self) -> str:
-        return f"stdout:\n{self.stdout_path.read_text()}\nstderr:\n{self.stderr_path.read_text()}"
-
-    def wait_until_healthy(self, timeout: float = START_TIMEOUT) -> None:
-        """Polls `/api/v1/health` until it answers 200; fails with the output if it does not."""
-        deadline = time.monotonic() + timeout
-        with httpx.Client(trust_env=False, timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise AssertionError(f"the app exited with {self.process.returncode}:\n{self.output()}")
-                with suppress(httpx.TransportError):
-                    if client.get(f"{self.url}{API}/health").status_code == 200:
-                        return
-                time.sleep(0.05)
-        raise AssertionError(f"the app did not become healthy within {timeout} s:\n{self.output()}")
-
-    def wait(self, timeout: float) -> int:
-        """The exit status; the process is killed and the test failed if it outlives `timeout`."""
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"the app still ran after {timeout} s:\n{self.output()}") from None
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, then the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.wait(timeout)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
-
-def start_app_process(log_dir: Path, env: Mapping[str, str]) -> AppProcess:
+def start_app_process(log_dir: Path, env: Mapping[str, str]) -> ServiceProcess:
     """Starts `python -m app`; `env` must say APP_PORT (where to reach it)."""
-    port = int(env["APP_PORT"])
-    log_dir.mkdir(parents=True, exist_ok=True)
-    full_env = {
-        **{name: value for name, value in os.environ.items() if not name.startswith(("APP_", "SIM_"))},
-        "PYTHONUNBUFFERED": "1",
-        **env,
-    }
-    stdout_path = log_dir / f"app-{port}.stdout"
-    stderr_path = log_dir / f"app-{port}.stderr"
-    with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app"], cwd=PROJECT_ROOT, env=full_env, stdout=out, stderr=err
-        )
-    return AppProcess(process, port, stdout_path, stderr_path)
+    return start_process("app", log_dir, int(env["APP_PORT"]), env)
 
 
-@contextmanager
-def app_process(log_dir: Path, env: Mapping[str, str]) -> Iterator[AppProcess]:
+def app_process(log_dir: Path, env: Mapping[str, str]) -> contextlib.AbstractContextManager[ServiceProcess]:
     """A started, healthy app process; killed if still running when left."""
-    running = start_app_process(log_dir, env)
-    try:
-        running.wait_until_healthy()
-        yield running
-    finally:
-        running.kill()
+    return running_process("app", log_dir, int(env["APP_PORT"]), env, f"{API}/health")
 
 
 def new_port() -> int:

@@ -9,7 +9,7 @@ from tests.servers import RawUpstream, RunningEdge, ServerThread, UpstreamApp, s
 
 # The developer's own environment must not change what the tests see.
 for _name in list(os.environ):
-    if _name.startswith(("EDGE_", "APP_", "OTEL_")) or _name in ("PORT", "ENVIRONMENT"):
+    if _name.startswith(("EDGE_", "APP_", "SIM_", "OTEL_", "GROQ_", "ELEVENLABS_")) or _name in ("PORT", "ENVIRONMENT"):
         del os.environ[_name]
 
 

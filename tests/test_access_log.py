@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from common.logs import JsonFormatter
-from tests.edge_process import edge_process
+from tests.processes import edge_process
 from tests.servers import RawUpstream, RunningEdge, ServerThread, UpstreamApp, closed_port, running_edge
 from tests.telemetry_support import LineCapture, capture_edge_logs, upstream_traceparent
 

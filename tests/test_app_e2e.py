@@ -542,7 +542,7 @@ def test_two_app_processes_share_sessions_through_postgresql(sims: Simulators, t
             for name in ("a", "b"):
                 env = app_environment(sims, tmp_path / name, new_port(), APP_DATABASE_URL=database_url)
                 replicas.append(start_app_process(tmp_path / f"{name}-logs", env))
-                replicas[-1].wait_until_healthy()
+                replicas[-1].wait_until(f"{API}/health")
                 edges.append(start_app_edge(replicas[-1].url))
             with ApiClient(edges[0].url) as on_a, ApiClient(edges[1].url) as on_b:
                 session_id = on_a.create_session()
@@ -623,7 +623,7 @@ def test_replicas_starting_together_on_a_fresh_database_all_come_up(sims: Simula
                 time.sleep(2)
                 gate.commit()
                 for replica in replicas:
-                    replica.wait_until_healthy()
+                    replica.wait_until(f"{API}/health")
                 for replica in replicas:
                     assert replica.stop() == 0, replica.output()
             finally:

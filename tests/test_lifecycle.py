@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.edge_process import children_of, edge_process
+from tests.processes import children_of, edge_process
 from tests.servers import ServerThread, UpstreamApp, closed_port
 
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from edge.policy import Policy, RouteRule
-from tests.edge_process import EdgeProcess, start_edge_process
+from tests.processes import ServiceProcess, start_edge_process
 from tests.rate_limit_support import (
     REDIS_URL,
     collect_records,
@@ -267,7 +267,7 @@ def test_two_edge_processes_sharing_redis_admit_exactly_the_limit(
             "EDGE_RATE_LIMIT_STRATEGY": "moving-window",
             "EDGE_LOG_LEVEL": "warning",
         }
-        edges: list[EdgeProcess] = []
+        edges: list[ServiceProcess] = []
         try:
             for port in (closed_port(), closed_port()):
                 edges.append(start_edge_process(tmp_path, port, {**env, "EDGE_PORT": str(port)}))

@@ -1,14 +1,16 @@
-"""`python -m edge` in a process of its own, for the tests that need the real entry point:
-signals, worker processes, exit statuses, what reaches standard output."""
+"""`python -m edge`, `python -m app` or `python -m sim` in a process of its own, for the
+tests that need the real entry point: signals, worker processes, restarts, exit statuses,
+what reaches standard output."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +18,12 @@ from pathlib import Path
 import httpx
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-START_TIMEOUT = 15.0
+START_TIMEOUT = 30.0
 
 
 @dataclass
-class EdgeProcess:
+class ServiceProcess:
+    module: str
     process: subprocess.Popen[bytes]
     port: int
     stdout_path: Path
@@ -46,7 +49,7 @@ class EdgeProcess:
         with httpx.Client(trust_env=False, timeout=2.0) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise AssertionError(f"the edge exited with {self.process.returncode}:\n{self.output()}")
+                    raise AssertionError(f"{self.module} exited with {self.process.returncode}:\n{self.output()}")
                 try:
                     last = client.get(self.url + path)
                     if last.status_code == 200:
@@ -62,15 +65,19 @@ class EdgeProcess:
         self.process.send_signal(signal.SIGTERM)
         return time.monotonic()
 
-    def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then the exit status; killed, and the test failed, if it outlives `timeout`."""
-        if self.process.poll() is None:
-            self.terminate()
+    def wait(self, timeout: float) -> int:
+        """The exit status; killed, and the test failed, if it outlives `timeout`."""
         try:
             return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"the edge ignored SIGTERM for {timeout} s:\n{self.output()}") from None
+            raise AssertionError(f"{self.module} still ran after {timeout} s:\n{self.output()}") from None
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then the exit status."""
+        if self.process.poll() is None:
+            self.terminate()
+        return self.wait(timeout)
 
     def kill(self) -> None:
         """Leaves nothing behind: the process and any worker processes it started."""
@@ -83,28 +90,39 @@ class EdgeProcess:
                 os.kill(worker, signal.SIGKILL)
 
 
-def start_edge_process(tmp_path: Path, port: int, env: dict[str, str]) -> EdgeProcess:
-    """Starts `python -m edge` with `env` over the (cleaned) test environment; `env` says the
-    port (EDGE_PORT or PORT), `port` is where to reach it."""
+def start_process(module: str, log_dir: Path, port: int, env: Mapping[str, str]) -> ServiceProcess:
+    """Starts `python -m <module>` with `env` over the (cleaned) test environment; `env` says
+    the port it listens on, `port` is where to reach it."""
+    log_dir.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, "EDGE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1", **env}
-    stdout_path = tmp_path / f"edge-{port}.stdout"
-    stderr_path = tmp_path / f"edge-{port}.stderr"
+    stdout_path = log_dir / f"{module}-{port}.stdout"
+    stderr_path = log_dir / f"{module}-{port}.stderr"
     with stdout_path.open("wb") as out, stderr_path.open("wb") as err:
         process = subprocess.Popen(
-            [sys.executable, "-m", "edge"], cwd=PROJECT_ROOT, env=full_env, stdout=out, stderr=err
+            [sys.executable, "-m", module], cwd=PROJECT_ROOT, env=full_env, stdout=out, stderr=err
         )
-    return EdgeProcess(process, port, stdout_path, stderr_path)
+    return ServiceProcess(module, process, port, stdout_path, stderr_path)
+
+
+def start_edge_process(log_dir: Path, port: int, env: Mapping[str, str]) -> ServiceProcess:
+    return start_process("edge", log_dir, port, env)
 
 
 @contextmanager
-def edge_process(tmp_path: Path, port: int, env: dict[str, str]) -> Iterator[EdgeProcess]:
-    """A started edge process, live when entered, gone when left."""
-    running = start_edge_process(tmp_path, port, env)
+def running_process(
+    module: str, log_dir: Path, port: int, env: Mapping[str, str], ready_path: str
+) -> Iterator[ServiceProcess]:
+    """A started process, answering `ready_path` when entered, gone (with its children) when left."""
+    running = start_process(module, log_dir, port, env)
     try:
-        running.wait_until("/_edge/live")
+        running.wait_until(ready_path)
         yield running
     finally:
         running.kill()
+
+
+def edge_process(log_dir: Path, port: int, env: Mapping[str, str]) -> contextlib.AbstractContextManager[ServiceProcess]:
+    return running_process("edge", log_dir, port, env, "/_edge/live")
 
 
 def children_of(pid: int) -> list[int]:
