@@ -48,7 +48,12 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
         groq = Groq(outbound.client("groq", settings.groq_base_url, headers=_bearer(settings)))
         elevenlabs = ElevenLabs(outbound.client("elevenlabs", settings.elevenlabs_base_url, headers=_xi_key(settings)))
         qdrant = _qdrant(settings, outbound)
-        memory = MemoryStore(qdrant, HashingEmbedder(), duplicate_similarity=settings.memory_duplicate_similarity)
+        memory = MemoryStore(
+            qdrant,
+            HashingEmbedder(),
+            duplicate_similarity=settings.memory_duplicate_similarity,
+            server=settings.qdrant_url is not None,
+        )
         try:
             await memory.setup()
         except MemoryUnavailable:
@@ -108,7 +113,11 @@ def _qdrant(settings: AppSettings, outbound: Outbound) -> AsyncQdrantClient:
     api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     # Its REST calls go through the shared transport like every other outbound call.
     return AsyncQdrantClient(
-        url=settings.qdrant_url, api_key=api_key, **outbound.httpx_kwargs("qdrant", settings.qdrant_url)
+        url=settings.qdrant_url,
+        api_key=api_key,
+        # No version call at start-up: the store may be down then, and turns degrade anyway.
+        check_compatibility=False,
+        **outbound.httpx_kwargs("qdrant", settings.qdrant_url),
     )
 
 

@@ -31,10 +31,13 @@ class Memory:
 
 
 class MemoryStore:
-    def __init__(self, client: AsyncQdrantClient, embedder: Embedder, *, duplicate_similarity: float) -> None:
+    def __init__(
+        self, client: AsyncQdrantClient, embedder: Embedder, *, duplicate_similarity: float, server: bool
+    ) -> None:
         self.client = client
         self.embedder = embedder
         self.duplicate_similarity = duplicate_similarity
+        self.server = server
 
     async def setup(self) -> None:
         try:
@@ -43,9 +46,10 @@ class MemoryStore:
                     COLLECTION,
                     vectors_config=models.VectorParams(size=self.embedder.dimensions, distance=models.Distance.COSINE),
                 )
-                await self.client.create_payload_index(
-                    COLLECTION, "session_id", field_schema=models.PayloadSchemaType.KEYWORD
-                )
+                if self.server:  # the embedded store scans; a server filters by index
+                    await self.client.create_payload_index(
+                        COLLECTION, "session_id", field_schema=models.PayloadSchemaType.KEYWORD
+                    )
         except Exception as exc:  # the client raises many kinds; all mean "not usable now"
             raise MemoryUnavailable(type(exc).__name__) from exc
 
