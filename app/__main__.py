@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
 
 import uvicorn
 
-from app.main import create_app
 from app.outbound import OutboundSettings
 from app.settings import load_settings
 from common.logs import log_config
@@ -22,6 +22,11 @@ def main() -> int:
     except ConfigurationError as error:
         print(f"app: {error}", file=sys.stderr)
         return 2
+    # numpy's BLAS would spread every vector search over all cores and busy-wait on them
+    # (measured: twice the CPU for the same time); an async server wants one thread.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from app.main import create_app  # after the line above: it imports numpy
+
     # uvicorn re-raises the signal that stopped it once it has drained; a handler of our
     # own turns that into a normal exit (status 0).
     signal.signal(signal.SIGTERM, _exit_quietly)

@@ -1,0 +1,914 @@
+"""The app's own overhead per text turn: everything a turn costs but the providers' time.
+
+1. starts two provider simulators (`python -m sim`: one answers as Groq, one as
+   ElevenLabs, so they are separate hosts to the app's outbound transport, as for real)
+   and the app (`python -m app`, `ENVIRONMENT=development`, its own temporary
+   `APP_DATA_DIR`, `APP_LOG_LEVEL=warning`) once per configuration: the default (SQLite
+   checkpoints and embedded Qdrant under the data directory) and, when it answers,
+   PostgreSQL checkpoints (`APP_DATABASE_URL`, embedded Qdrant still); each on a free
+   loopback port, all stopped at the end (also on Ctrl-C and SIGTERM);
+2. takes text turns, one client, one at a time, over keep-alive HTTP: `--sessions`
+   sessions per configuration of `--turns-per-session` turns each (at most 15, so no
+   conversation grows past the summary threshold: summarising is not measured), in
+   interleaved rounds (one session per configuration per round, the order alternating),
+   after `--warmup-sessions` untimed rounds. The turns alternate a message with a
+   lasting fact in it (the memory step stores it) and one without;
+3. right after each turn, replays its three provider calls straight to the simulators
+   with a minimal client (`http.client`, keep-alive): the reply's chat completion (the
+   app's prompt, rebuilt with `app.workflow.prompts`), the text-to-speech of the reply
+   and the JSON-mode memory extraction. Their round trips are the turn's provider time;
+   the turn's **app overhead** is its client-observed time minus that. The simulators'
+   own access-log `duration_ms` for the turn's calls gives a second, smaller provider
+   time (their time inside the ASGI app, without their HTTP server and the loopback),
+   hence an upper bound of the overhead;
+4. counts the memories in the app's store (every session's) before each turn: the
+   embedded store searches them all, so the turn's cost grows with them; a least-squares
+   slope per stored memory is reported. `--preload-memories N` puts N memories of other
+   sessions into each app's store before it starts, to measure a store in use;
+5. prints, per configuration, the median and p95 of the turn, the provider time, the
+   overhead (ms and share of the turn), the app's CPU time per turn, and a breakdown from
+   the turns' `timings_ms`; then PASS/FAIL against the project's own sanity bound
+   (overhead p95 <= 100 ms). `--json PATH` also writes every turn's numbers.
+
+Exit status: 0, 1 when the bound is missed, 2 when the benchmark could not run, 130 when
+interrupted. The PostgreSQL rows of the run's sessions (by thread id) are deleted at the end.
+
+Run: `.venv/bin/python bench/app_bench.py [--sessions 60 --turns-per-session 10 --json PATH]`.
+Results are described in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import psycopg
+from qdrant_client import AsyncQdrantClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from app.memory.embedding import HashingEmbedder
+from app.memory.store import MemoryStore
+from app.settings import AppSettings
+from app.workflow import prompts
+from app.workflow.state import Message
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+OVERHEAD_P95_BOUND_MS = 100.0  # the project's sanity bound on the app's overhead per text turn
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# What the app sends, from its settings' defaults (the app runs with no APP_* overrides of these).
+DEFAULTS = {name: spec.default for name, spec in AppSettings.model_fields.items()}
+# A conversation is summarised once more than this many messages are unsummarised: two a turn.
+MAX_TURNS_PER_SESSION = int(DEFAULTS["summarise_after_messages"]) // 2
+STEPS = ("transcribe", "recall", "reply", "speak", "remember", "summarise")
+
+# One session's messages; even turns hold a lasting fact (the memory step stores it), odd
+# ones do not (a question, or nothing about the speaker). Repeated when a session is longer.
+SCRIPT = (
+    "I love hiking with my dog on Sunday mornings",
+    "What a grey morning it was today.",
+    "My sister lives in Lisbon and teaches music",
+    "Do you think it will rain tomorrow?",
+    "I'm a nurse at the city hospital",
+    "The news was full of elections again.",
+    "I have two cats called Miso and Tofu",
+    "Can you tell me something cheerful?",
+    "My favourite food is pumpkin soup",
+    "What should I cook tonight?",
+)
+SQLITE, POSTGRES = "SQLite", "PostgreSQL"
+MIN_MEMORY_RANGE = 100  # stored memories the store must grow by for a per-memory slope
+FOODS = ("pumpkin soup", "green tea", "sourdough", "mangoes", "dark chocolate", "ramen", "olives")
+
+
+class BenchError(Exception):
+    """The benchmark itself cannot run (a server does not start, a turn fails)."""
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process, all its threads."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This environment without any setting of the caller's for the app or the simulator."""
+    prefixes = ("APP_", "SIM_", "GROQ_", "ELEVENLABS_", "OTEL_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k != "ENVIRONMENT"}
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Service:
+    """A server run as a subprocess in a session of its own (Ctrl-C reaches only the bench)."""
+
+    name: str
+    argv: list[str]
+    port: int
+    env: dict[str, str]
+    log_path: Path
+    ready_path: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise BenchError(f"{self.name} is not running")
+        return self.proc.pid
+
+    def start(self) -> None:
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise BenchError(f"{self.name} exited (status {code}):\n{self.log_tail()}")
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+            try:
+                connection.request("GET", self.ready_path)
+                response = connection.getresponse()
+                response.read()
+                if response.status == 200:
+                    return
+                last_error = f"status {response.status}"
+            except OSError as exc:
+                last_error = repr(exc)
+            finally:
+                connection.close()
+            time.sleep(0.1)
+        raise BenchError(f"{self.name} not ready after {timeout:.0f} s ({last_error}):\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait(timeout=5)
+        # Whatever it left in its own process group.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        self.proc = None
+
+
+def sim_service(name: str, tmp: Path, latency_ms: int) -> Service:
+    port = free_port()
+    env = clean_env(
+        {
+            "SIM_HOST": "127.0.0.1",
+            "SIM_PORT": str(port),
+            "SIM_LOG_LEVEL": "info",  # one access line per provider call, with its duration_ms
+            "SIM_LATENCY_MS": str(latency_ms),
+            # The benchmark's turns must never meet the simulated budgets.
+            "SIM_GROQ_REQUESTS_PER_MINUTE": str(10**9),
+            "SIM_GROQ_TOKENS_PER_MINUTE": str(10**12),
+            # The same audio whatever is installed on the machine.
+            "SIM_SPEECH_ENGINE": "tone",
+            "SIM_MP3_ENCODER": "silent",
+        }
+    )
+    return Service(name, [sys.executable, "-m", "sim"], port, env, tmp / f"{name}.log", "/_sim/health")
+
+
+def app_service(
+    name: str, stem: str, tmp: Path, groq: Service, elevenlabs: Service, database_url: str | None
+) -> Service:
+    port = free_port()
+    extra = {
+        "ENVIRONMENT": "development",
+        "APP_HOST": "127.0.0.1",
+        "APP_PORT": str(port),
+        "APP_DATA_DIR": str(tmp / f"{stem}-data"),
+        "APP_LOG_LEVEL": "warning",
+        "GROQ_BASE_URL": f"http://127.0.0.1:{groq.port}/openai/v1",
+        "ELEVENLABS_BASE_URL": f"http://127.0.0.1:{elevenlabs.port}",
+        "GROQ_API_KEY": "bench",
+        "ELEVENLABS_API_KEY": "bench",
+        # The retention sweep runs at start-up over every session in the database: with a
+        # shared PostgreSQL it must not delete anybody's idle sessions.
+        "APP_SESSION_RETENTION_DAYS": "36500",
+    }
+    if database_url is not None:
+        extra["APP_DATABASE_URL"] = database_url
+    return Service(name, [sys.executable, "-m", "app"], port, clean_env(extra), tmp / f"{stem}.log", "/api/v1/ready")
+
+
+# -- HTTP -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    seconds: float
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Http:
+    """A minimal keep-alive client: `http.client`, so its own cost per call is small."""
+
+    def __init__(self, port: int, timeout: float = 60.0) -> None:
+        self.port = port
+        self.timeout = timeout
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Reply:
+        payload = None if body is None else json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        sent = {"content-type": "application/json"} if payload is not None else {}
+        sent.update(headers or {})
+        for attempt in (1, 2):
+            try:
+                started = time.perf_counter()
+                self.connection.request(method, path, body=payload, headers=sent)
+                response = self.connection.getresponse()
+                data = response.read()
+                return Reply(response.status, data, time.perf_counter() - started)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # A keep-alive connection the server closed meanwhile: once more, on a new one.
+                self.connection.close()
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+class AccessLog:
+    """The provider calls a simulator logged, in order, read as they are written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+        self.entries: deque[dict[str, Any]] = deque()
+
+    def _read(self) -> None:
+        with self.path.open("rb") as file:
+            file.seek(self.offset)
+            data = file.read()
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
+        self.offset += end
+        for line in data[:end].splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict) and entry.get("logger") == "sim.access":
+                    self.entries.append(entry)
+
+    def take(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The next `count` calls; each logs its line just after answering."""
+        deadline = time.monotonic() + timeout
+        while len(self.entries) < count:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.path.name}: {len(self.entries)} access lines of {count} expected")
+            time.sleep(0.0005)
+            self._read()
+        taken = [self.entries.popleft() for _ in range(count)]
+        for entry in taken:
+            if entry.get("status") != 200:
+                raise BenchError(f"{self.path.name}: a provider call answered {entry.get('status')}: {entry}")
+        return taken
+
+    def leftover(self) -> int:
+        self._read()
+        return len(self.entries)
+
+
+# -- turns ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sims:
+    groq: Http
+    elevenlabs: Http
+    groq_log: AccessLog
+    elevenlabs_log: AccessLog
+
+
+@dataclass
+class SessionState:
+    """What the bench knows of a conversation, to rebuild the app's prompts."""
+
+    session_id: str
+    messages: list[Message] = field(default_factory=list)
+    facts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TurnRecord:
+    config: str
+    session: int
+    turn: int
+    fact: bool  # the user's message held a fact for the memory step to store
+    turn_ms: float  # client-observed
+    timings_ms: dict[str, float]  # the app's own, per step and `total`
+    replay_ms: dict[str, float]  # the same provider calls, made directly: round trips
+    sim_ms: dict[str, float]  # the simulators' access-log duration of the turn's own calls
+    replay_sim_ms: dict[str, float]  # ... and of the replayed calls
+    memories: int  # in the app's memory store (every session's) when the turn began
+    app_cpu_ms: float = 0.0  # the session's app CPU time, spread evenly over its turns
+
+    @property
+    def provider_ms(self) -> float:
+        return sum(self.replay_ms.values())
+
+    @property
+    def provider_sim_ms(self) -> float:
+        return sum(self.sim_ms.values())
+
+    @property
+    def overhead_ms(self) -> float:
+        return self.turn_ms - self.provider_ms
+
+    @property
+    def overhead_sim_ms(self) -> float:
+        return self.turn_ms - self.provider_sim_ms
+
+    @property
+    def steps_ms(self) -> float:
+        return sum(self.timings_ms.get(step, 0.0) for step in STEPS)
+
+    @property
+    def wire_ms(self) -> float:
+        """Round trip minus the simulators' own time: their HTTP servers, loopback, client."""
+        return self.provider_ms - sum(self.replay_sim_ms.values())
+
+
+def replay(sims: Sims, state: SessionState, text: str, reply: str) -> tuple[dict[str, float], str | None]:
+    """The turn's three provider calls, as the app makes them; their round trips, and the fact
+    the memory extraction found (kept, as the app keeps it, for the next turns' prompts)."""
+    limit = int(DEFAULTS["memory_recall_limit"])
+    chat = {
+        "model": DEFAULTS["chat_model"],
+        "messages": prompts.reply_prompt("", state.messages, state.facts[-limit:]),
+        "temperature": 0.7,
+        "max_completion_tokens": 512,
+    }
+    answered = sims.groq.request("POST", "/openai/v1/chat/completions", chat, {"authorization": "Bearer bench"})
+    speech = sims.elevenlabs.request(
+        "POST",
+        f"/v1/text-to-speech/{DEFAULTS['elevenlabs_voice_id']}?output_format={DEFAULTS['speech_output_format']}",
+        {"text": reply, "model_id": DEFAULTS["speech_model"]},
+        {"xi-api-key": "bench"},
+    )
+    memory = {
+        "model": DEFAULTS["memory_model"],
+        "messages": prompts.memory_prompt(text),
+        "temperature": 0.0,
+        "max_completion_tokens": 512,
+        "response_format": {"type": "json_object"},
+    }
+    extracted = sims.groq.request("POST", "/openai/v1/chat/completions", memory, {"authorization": "Bearer bench"})
+    for name, answer in (("chat", answered), ("speech", speech), ("memory", extracted)):
+        if answer.status != 200:
+            raise BenchError(f"replayed {name} call answered {answer.status}: {answer.body[:200]!r}")
+    fact = json.loads(extracted.json()["choices"][0]["message"]["content"]).get("fact")
+    seconds = {"reply": answered.seconds, "speak": speech.seconds, "remember": extracted.seconds}
+    return {step: round(value * 1000, 3) for step, value in seconds.items()}, fact
+
+
+def durations(groq: list[dict[str, Any]], elevenlabs: list[dict[str, Any]]) -> dict[str, float]:
+    """The access-log times of one turn's calls, by the step that made them."""
+    return {
+        "reply": float(groq[0]["duration_ms"]),
+        "speak": float(elevenlabs[0]["duration_ms"]),
+        "remember": float(groq[1]["duration_ms"]),
+    }
+
+
+def run_session(
+    config: str,
+    app: Http,
+    app_pid: int,
+    sims: Sims,
+    session_number: int,
+    turns: int,
+    created_ids: list[str],
+    memories: int,
+) -> list[TurnRecord]:
+    """One session's turns; `memories` is how many the app's store holds before it."""
+    created = app.request("POST", "/api/v1/sessions", {})
+    if created.status != 201:
+        raise BenchError(f"{config}: creating a session answered {created.status}: {created.body[:200]!r}")
+    state = SessionState(created.json()["session_id"])
+    created_ids.append(state.session_id)  # known at once, for the clean-up even if interrupted
+    records: list[TurnRecord] = []
+    cpu_before = cpu_seconds(app_pid)
+    for number in range(turns):
+        text = SCRIPT[number % len(SCRIPT)]
+        answer = app.request("POST", f"/api/v1/sessions/{state.session_id}/turns", {"text": text})
+        if answer.status != 200:
+            raise BenchError(f"{config}: a turn answered {answer.status}: {answer.body[:300]!r}")
+        result = answer.json()
+        if result["degraded"] or not result["audio_url"] or not result["reply"]:
+            raise BenchError(f"{config}: a degraded turn: {result}")
+        # The app's calls: reply then memory at Groq, speech at ElevenLabs (no summary).
+        sim_ms = durations(sims.groq_log.take(2), sims.elevenlabs_log.take(1))
+        at = time.strftime("%Y-%m-%dT%H:%M:%S")
+        state.messages.append({"role": "user", "text": text, "at": at, "turn_id": result["turn_id"]})
+        replay_ms, fact = replay(sims, state, text, result["reply"])
+        replay_sim_ms = durations(sims.groq_log.take(2), sims.elevenlabs_log.take(1))
+        state.messages.append({"role": "assistant", "text": result["reply"], "at": at, "turn_id": result["turn_id"]})
+        if fact:
+            state.facts.append(fact)
+        records.append(
+            TurnRecord(
+                config=config,
+                session=session_number,
+                turn=number,
+                fact=bool(fact),
+                turn_ms=round(answer.seconds * 1000, 3),
+                timings_ms={key: float(value) for key, value in result["timings_ms"].items()},
+                replay_ms=replay_ms,
+                sim_ms=sim_ms,
+                replay_sim_ms=replay_sim_ms,
+                memories=memories + len(state.facts) - bool(fact),
+            )
+        )
+    # The app does nothing between turns (the replays do not reach it): its CPU time over the
+    # session is the turns'.
+    per_turn = (cpu_seconds(app_pid) - cpu_before) * 1000 / turns
+    for record in records:
+        record.app_cpu_ms = round(per_turn, 3)
+    return records
+
+
+def preload_memories(data_dir: Path, count: int) -> None:
+    """Fills the embedded memory store the app will open with `count` memories of other
+    sessions (five a session), written as the app writes them, before the app starts (an
+    embedded store is one process's at a time)."""
+
+    async def fill() -> None:
+        client = AsyncQdrantClient(path=str(data_dir / "qdrant"))
+        embedder = HashingEmbedder()
+        similarity = float(DEFAULTS["memory_duplicate_similarity"])
+        store = MemoryStore(client, embedder, duplicate_similarity=similarity, server=False)
+        try:
+            await store.setup()
+            for number in range(count):
+                text = f"The user's friend number {number} lives in town {number % 97} and likes {FOODS[number % 7]}."
+                await store.remember(f"preloaded-{number // 5:08d}", text)
+        finally:
+            await client.close()
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    asyncio.run(fill())
+
+
+# -- statistics and the report ----------------------------------------------------------------
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def spread(values: Iterable[float], digits: int = 2) -> dict[str, float]:
+    data = list(values)
+    return {
+        "median": round(statistics.median(data), digits),
+        "p95": round(percentile(data, 0.95), digits),
+        "mean": round(statistics.fmean(data), digits),
+        "max": round(max(data), digits),
+    }
+
+
+# (label, what it takes from a turn) for the breakdown, in the order a turn spends it.
+BREAKDOWN: tuple[tuple[str, Callable[[TurnRecord], float]], ...] = (
+    ("outside the graph run: HTTP, API, session reads", lambda r: r.turn_ms - r.timings_ms["total"]),
+    ("transcribe (text turn: adds the message)", lambda r: r.timings_ms["transcribe"]),
+    ("recall (embed, Qdrant search)", lambda r: r.timings_ms["recall"]),
+    ("reply, the app's part", lambda r: r.timings_ms["reply"] - r.replay_ms["reply"]),
+    ("speak, the app's part (incl. audio file)", lambda r: r.timings_ms["speak"] - r.replay_ms["speak"]),
+    ("remember, the app's part (embed, Qdrant)", lambda r: r.timings_ms["remember"] - r.replay_ms["remember"]),
+    ("summarise (below the threshold: a check)", lambda r: r.timings_ms["summarise"]),
+    ("graph run outside the steps: LangGraph, save, prune", lambda r: r.timings_ms["total"] - r.steps_ms),
+)
+
+
+def slope_us(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares microseconds per stored memory; None unless the store at least doubled
+    over the turns, by MIN_MEMORY_RANGE or more (else the noise is all a line would fit)."""
+    sizes = [x for x, _ in points]
+    if not sizes or max(sizes) - min(sizes) < max(MIN_MEMORY_RANGE, min(sizes)):
+        return None
+    try:
+        fit = statistics.linear_regression([float(x) for x, _ in points], [y for _, y in points])
+    except statistics.StatisticsError:
+        return None
+    return round(fit.slope * 1000, 2)
+
+
+def summarise(config: str, records: list[TurnRecord], memory_store: str, conversations: str) -> dict[str, Any]:
+    with_fact = [r for r in records if r.fact]
+    without_fact = [r for r in records if not r.fact]
+    return {
+        "config": config,
+        "conversation_store": conversations,
+        "memory_store": memory_store,
+        "turns": len(records),
+        "sessions": len({r.session for r in records}),
+        "turn_ms": spread(r.turn_ms for r in records),
+        "provider_ms": spread(r.provider_ms for r in records),
+        "provider_sim_ms": spread(r.provider_sim_ms for r in records),
+        "replayed_sim_ms": spread(sum(r.replay_sim_ms.values()) for r in records),
+        "wire_ms": spread(r.wire_ms for r in records),
+        "overhead_ms": spread(r.overhead_ms for r in records),
+        "overhead_share": spread((r.overhead_ms / r.turn_ms for r in records), 4),
+        "overhead_sim_ms": spread(r.overhead_sim_ms for r in records),
+        "graph_total_ms": spread(r.timings_ms["total"] for r in records),
+        "app_cpu_ms_per_turn": round(statistics.fmean(r.app_cpu_ms for r in records), 2),
+        "steps_ms": {step: spread(r.timings_ms[step] for r in records) for step in STEPS},
+        "breakdown_ms": {label: spread(map(take, records)) for label, take in BREAKDOWN},
+        "remember_ms": {
+            "with a fact to store": spread(r.timings_ms["remember"] - r.replay_ms["remember"] for r in with_fact),
+            "without": spread(r.timings_ms["remember"] - r.replay_ms["remember"] for r in without_fact),
+        },
+        "memories_in_store": {"min": min(r.memories for r in records), "max": max(r.memories for r in records)},
+        "us_per_stored_memory": {
+            "recall": slope_us([(r.memories, r.timings_ms["recall"]) for r in records]),
+            "remember, with a fact": slope_us(
+                [(r.memories, r.timings_ms["remember"] - r.replay_ms["remember"]) for r in with_fact]
+            ),
+            "overhead": slope_us([(r.memories, r.overhead_ms) for r in records]),
+        },
+        "overhead_ms_by_turn_number": {
+            str(number): round(statistics.median(r.overhead_ms for r in records if r.turn == number), 2)
+            for number in sorted({r.turn for r in records})
+        },
+    }
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for distribution in ("fastapi", "uvicorn", "langgraph", "langgraph-checkpoint-sqlite", "qdrant-client", "psycopg"):
+        try:
+            found[distribution] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            found[distribution] = "not installed"
+    return found
+
+
+def machine_info() -> dict[str, Any]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        **_versions(),
+    }
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def format_report(summaries: list[dict[str, Any]], args: argparse.Namespace, bound_ms: float) -> str:
+    width = 54
+    names = [s["config"] for s in summaries]
+    out = [
+        f"app overhead per text turn: {args.sessions} sessions x {args.turns_per_session} turns per configuration, "
+        f"interleaved, {args.warmup_sessions} untimed round(s) first; simulators at SIM_LATENCY_MS={args.latency_ms}",
+        "",
+        f"{'ms per turn (median / p95)':<{width}}" + "".join(f"{name:>22}" for name in names),
+    ]
+
+    def row(label: str, *keys: str) -> None:
+        """One line: the median / p95 at `keys` in each configuration's summary."""
+        cells = []
+        for summary in summaries:
+            values: Any = summary
+            for key in keys:
+                values = values[key]
+            cells.append(f"{_ms(values['median'])} / {_ms(values['p95'])}")
+        out.append(f"{label:<{width}}" + "".join(f"{cell:>22}" for cell in cells))
+
+    row("turn, client-observed", "turn_ms")
+    row("provider time: the same calls, replayed", "provider_ms")
+    row("provider time: the simulators' own (access log)", "provider_sim_ms")
+    row("  the same for the replayed calls (should match)", "replayed_sim_ms")
+    row("APP OVERHEAD (turn - replayed provider time)", "overhead_ms")
+    shares = (
+        f"{s['overhead_share']['median'] * 100:.1f} % / {s['overhead_share']['p95'] * 100:.1f} %" for s in summaries
+    )
+    out.append(f"{'  share of the turn':<{width}}" + "".join(f"{cell:>22}" for cell in shares))
+    row("  upper bound (turn - the simulators' own time)", "overhead_sim_ms")
+    out.append(
+        f"{'app CPU time per turn (mean)':<{width}}" + "".join(f"{s['app_cpu_ms_per_turn']:>22.1f}" for s in summaries)
+    )
+    row("graph run (timings_ms.total)", "graph_total_ms")
+    out.append("")
+    out.append("where the overhead goes (median / p95 of each part on its own; they do not add up exactly):")
+    for label, _ in BREAKDOWN:
+        row(f"  {label}", "breakdown_ms", label)
+    row("  remember, the app's part, turns with a fact", "remember_ms", "with a fact to store")
+    row("  remember, the app's part, turns without", "remember_ms", "without")
+    out.append("")
+    out.append("the steps as timings_ms reports them (provider calls included):")
+    for step in STEPS:
+        row(f"  {step}", "steps_ms", step)
+    out.append("")
+    for summary in summaries:
+        by_turn = ", ".join(f"{value:.1f}" for value in summary["overhead_ms_by_turn_number"].values())
+        out.append(f"median overhead by turn number of the session, {summary['config']}: {by_turn}")
+    out.append("")
+    for summary in summaries:
+        held, slopes = summary["memories_in_store"], summary["us_per_stored_memory"]
+        per_memory = ", ".join(
+            f"{name} {'-' if value is None else f'{value:+.1f} us'}" for name, value in slopes.items()
+        )
+        out.append(
+            f"{summary['config']}: the memory store held {held['min']}-{held['max']} memories during the measured "
+            f"turns; per stored memory (least squares): {per_memory}"
+        )
+    out.append("")
+    for summary in summaries:
+        p95 = summary["overhead_ms"]["p95"]
+        verdict = "PASS" if p95 <= bound_ms else "FAIL"
+        out.append(
+            f"{summary['config']} ({summary['conversation_store']}, {summary['memory_store']}): "
+            f"overhead p95 {p95:.1f} ms  {verdict} (<= {bound_ms:g} ms)"
+        )
+    return "\n".join(out)
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------
+
+
+def postgres_problem(url: str) -> str | None:
+    """None when the database answers, else why not."""
+    try:
+        with psycopg.connect(url, connect_timeout=3) as connection:
+            connection.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def delete_postgres_threads(url: str, thread_ids: list[str]) -> int:
+    """Removes the run's sessions from the shared database (only theirs), as the app's
+    session deletion would; the rows' count."""
+    if not thread_ids:
+        return 0
+    deleted = 0
+    with psycopg.connect(url, connect_timeout=5, autocommit=True) as connection:
+        for table in ("checkpoint_writes", "checkpoint_blobs", "checkpoints"):
+            cursor = connection.execute(
+                f"DELETE FROM {table} WHERE thread_id = ANY(%s)",  # a fixed table name
+                (thread_ids,),
+            )
+            deleted += cursor.rowcount
+    return deleted
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="The app's own overhead per text turn, provider time excluded.")
+    parser.add_argument("--sessions", type=int, default=60, help="timed sessions per configuration (60)")
+    parser.add_argument(
+        "--turns-per-session",
+        type=int,
+        default=10,
+        help=f"text turns per session (10; at most {MAX_TURNS_PER_SESSION}, below the summary threshold)",
+    )
+    parser.add_argument("--warmup-sessions", type=int, default=1, help="untimed rounds first (1)")
+    parser.add_argument(
+        "--preload-memories",
+        type=int,
+        default=0,
+        help="memories of other sessions put in each app's embedded store before it starts (0)",
+    )
+    parser.add_argument("--latency-ms", type=int, default=0, help="SIM_LATENCY_MS of the simulators (0)")
+    parser.add_argument(
+        "--database-url",
+        default=DEFAULT_DATABASE_URL,
+        help=f"PostgreSQL for the second configuration ({DEFAULT_DATABASE_URL}); only the run's rows are touched",
+    )
+    parser.add_argument("--no-postgres", action="store_true", help="measure the default configuration only")
+    parser.add_argument("--bound-ms", type=float, default=OVERHEAD_P95_BOUND_MS, help="the overhead p95 bound (100 ms)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results, every turn, as JSON")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (data dirs, server logs)")
+    args = parser.parse_args(argv)
+    if args.sessions < 1 or min(args.warmup_sessions, args.latency_ms, args.preload_memories) < 0:
+        parser.error("--sessions must be >= 1; --warmup-sessions, --latency-ms and --preload-memories >= 0")
+    if not 1 <= args.turns_per_session <= MAX_TURNS_PER_SESSION:
+        parser.error(f"--turns-per-session must be 1-{MAX_TURNS_PER_SESSION}: longer sessions are summarised")
+    if not re.match(r"^postgres(ql)?://", args.database_url):
+        parser.error("--database-url must be a postgresql:// URL")
+    return args
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def measure(args: argparse.Namespace, tmp: Path, started: list[Service], pg_threads: list[str]) -> dict[str, Any]:
+    notes: list[str] = []
+    database_url: str | None = None
+    if not args.no_postgres:
+        problem = postgres_problem(args.database_url)
+        if problem is None:
+            database_url = args.database_url
+        else:
+            notes.append(f"PostgreSQL at {args.database_url} did not answer ({problem}): measured without it")
+            log(notes[-1])
+
+    groq, elevenlabs = (
+        sim_service("sim-groq", tmp, args.latency_ms),
+        sim_service("sim-elevenlabs", tmp, args.latency_ms),
+    )
+    apps = {SQLITE: app_service("app (SQLite)", "app-sqlite", tmp, groq, elevenlabs, None)}
+    if database_url is not None:
+        apps[POSTGRES] = app_service("app (PostgreSQL)", "app-postgres", tmp, groq, elevenlabs, database_url)
+    configs = list(apps)
+    if args.preload_memories:
+        for config in configs:
+            preload_memories(Path(apps[config].env["APP_DATA_DIR"]), args.preload_memories)
+        log(f"memory stores preloaded with {args.preload_memories} memories of other sessions each")
+    for service in (groq, elevenlabs, *apps.values()):
+        service.start()
+        started.append(service)
+    for service in started:
+        service.wait_ready()
+    log("servers: " + ", ".join(f"{s.name} on :{s.port} (pid {s.pid})" for s in started))
+
+    sims = Sims(Http(groq.port), Http(elevenlabs.port), AccessLog(groq.log_path), AccessLog(elevenlabs.log_path))
+    clients = {config: Http(service.port) for config, service in apps.items()}
+    records: dict[str, list[TurnRecord]] = {config: [] for config in apps}
+    load_before = os.getloadavg()
+    began = time.monotonic()
+    memories = dict.fromkeys(configs, args.preload_memories)
+    for round_number in range(args.warmup_sessions + args.sessions):
+        timed = round_number >= args.warmup_sessions
+        for config in configs if round_number % 2 == 0 else reversed(configs):
+            created_ids = pg_threads if config == POSTGRES else []
+            taken = run_session(
+                config,
+                clients[config],
+                apps[config].pid,
+                sims,
+                round_number,
+                args.turns_per_session,
+                created_ids,
+                memories[config],
+            )
+            memories[config] += sum(record.fact for record in taken)
+            if timed:
+                records[config].extend(taken)
+        if round_number + 1 == args.warmup_sessions:
+            log(f"warm-up done ({args.warmup_sessions} round(s)); measuring")
+    elapsed = time.monotonic() - began
+    load_after = os.getloadavg()
+    for name, access_log in (("Groq", sims.groq_log), ("ElevenLabs", sims.elevenlabs_log)):
+        if access_log.leftover():
+            notes.append(f"the {name} simulator logged calls no turn accounts for: the attribution may be off")
+    for config, service in apps.items():
+        if service.proc is None or service.proc.poll() is not None:
+            notes.append(f"the {config} app exited during the run; see its log")
+    for client in (sims.groq, sims.elevenlabs, *clients.values()):
+        client.close()
+
+    summaries = [
+        summarise(
+            config,
+            records[config],
+            "embedded Qdrant",
+            "PostgreSQL checkpoints" if config == POSTGRES else "SQLite checkpoints",
+        )
+        for config in apps
+    ]
+    return {
+        "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+        "bound_ms": args.bound_ms,
+        "machine": machine_info(),
+        "load_average_before": [round(value, 2) for value in load_before],
+        "load_average_after": [round(value, 2) for value in load_after],
+        "measured_seconds": round(elapsed, 1),
+        "notes": notes,
+        "summaries": summaries,
+        "turns": [asdict(record) for config in apps for record in records[config]],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # A `kill` of the bench cleans up like Ctrl-C; SIGINT too when started where it is ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    tmp = Path(tempfile.mkdtemp(prefix="app-bench-"))
+    keep_tmp = args.keep_tmp
+    started: list[Service] = []
+    pg_threads: list[str] = []
+    passed = True
+    try:
+        report = measure(args, tmp, started, pg_threads)
+        print(format_report(report["summaries"], args, args.bound_ms), flush=True)
+        load_before, load_after = report["load_average_before"], report["load_average_after"]
+        print(
+            f"measured in {report['measured_seconds']:.0f} s; load average {load_before[0]:.2f} before, "
+            f"{load_after[0]:.2f} after (1 min)"
+        )
+        for note in report["notes"]:
+            print(f"note: {note}")
+        passed = all(summary["overhead_ms"]["p95"] <= args.bound_ms for summary in report["summaries"])
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+            log(f"results written to {args.json}")
+    except KeyboardInterrupt:
+        print("\napp_bench: interrupted; stopping the servers", file=sys.stderr)
+        return 130
+    except (BenchError, OSError, ValueError, KeyError, psycopg.Error, subprocess.TimeoutExpired) as exc:
+        keep_tmp = True
+        print(f"app_bench: the benchmark could not run: {exc}", file=sys.stderr)
+        print(f"app_bench: server logs kept in {tmp}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
+        for service in reversed(started):
+            service.stop()
+        if pg_threads:
+            try:
+                deleted = delete_postgres_threads(args.database_url, pg_threads)
+                log(f"PostgreSQL: deleted the run's {len(pg_threads)} sessions ({deleted} rows)")
+            except psycopg.Error as exc:
+                print(f"app_bench: could not delete the run's PostgreSQL sessions ({exc})", file=sys.stderr)
+        if not keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
