@@ -50,7 +50,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,7 +59,6 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import psycopg
@@ -73,8 +71,8 @@ from app.memory.store import MemoryStore
 from app.settings import AppSettings
 from app.workflow import prompts
 from app.workflow.state import Message
+from bench.support import BenchError, Service, clean_env, free_port, interrupt_on_signals, log, percentile
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 OVERHEAD_P95_BOUND_MS = 100.0  # the project's sanity bound on the app's overhead per text turn
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -104,20 +102,6 @@ MIN_MEMORY_RANGE = 100  # stored memories the store must grow by for a per-memor
 FOODS = ("pumpkin soup", "green tea", "sourdough", "mangoes", "dark chocolate", "ramen", "olives")
 
 
-class BenchError(Exception):
-    """The benchmark itself cannot run (a server does not start, a turn fails)."""
-
-
-# -- processes --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process, all its threads."""
     stat = Path(f"/proc/{pid}/stat").read_text()
@@ -125,94 +109,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
+def app_env(extra: dict[str, str]) -> dict[str, str]:
     """This environment without any setting of the caller's for the app or the simulator."""
-    prefixes = ("APP_", "SIM_", "GROQ_", "ELEVENLABS_", "OTEL_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k != "ENVIRONMENT"}
-    env.update(extra)
-    return env
-
-
-@dataclass
-class Service:
-    """A server run as a subprocess in a session of its own (Ctrl-C reaches only the bench)."""
-
-    name: str
-    argv: list[str]
-    port: int
-    env: dict[str, str]
-    log_path: Path
-    ready_path: str
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError(f"{self.name} is not running")
-        return self.proc.pid
-
-    def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        last_error = "no answer"
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise BenchError(f"{self.name} exited (status {code}):\n{self.log_tail()}")
-            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            try:
-                connection.request("GET", self.ready_path)
-                response = connection.getresponse()
-                response.read()
-                if response.status == 200:
-                    return
-                last_error = f"status {response.status}"
-            except OSError as exc:
-                last_error = repr(exc)
-            finally:
-                connection.close()
-            time.sleep(0.1)
-        raise BenchError(f"{self.name} not ready after {timeout:.0f} s ({last_error}):\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=5)
-        # Whatever it left in its own process group.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        self.proc = None
+    return clean_env(("APP_", "SIM_", "GROQ_", "ELEVENLABS_", "OTEL_", "EDGE_"), extra)
 
 
 def sim_service(name: str, tmp: Path, latency_ms: int) -> Service:
     port = free_port()
-    env = clean_env(
+    env = app_env(
         {
             "SIM_HOST": "127.0.0.1",
             "SIM_PORT": str(port),
@@ -226,7 +130,7 @@ def sim_service(name: str, tmp: Path, latency_ms: int) -> Service:
             "SIM_MP3_ENCODER": "silent",
         }
     )
-    return Service(name, [sys.executable, "-m", "sim"], port, env, tmp / f"{name}.log", "/_sim/health")
+    return Service(name, [sys.executable, "-m", "sim"], port, tmp / f"{name}.log", env, "/_sim/health")
 
 
 def app_service(
@@ -249,7 +153,7 @@ def app_service(
     }
     if database_url is not None:
         extra["APP_DATABASE_URL"] = database_url
-    return Service(name, [sys.executable, "-m", "app"], port, clean_env(extra), tmp / f"{stem}.log", "/api/v1/ready")
+    return Service(name, [sys.executable, "-m", "app"], port, tmp / f"{stem}.log", app_env(extra), "/api/v1/ready")
 
 
 # -- HTTP -------------------------------------------------------------------------------------
@@ -518,11 +422,6 @@ def preload_memories(data_dir: Path, count: int) -> None:
 # -- statistics and the report ----------------------------------------------------------------
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def spread(values: Iterable[float], digits: int = 2) -> dict[str, float]:
     data = list(values)
     return {
@@ -766,14 +665,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def measure(args: argparse.Namespace, tmp: Path, started: list[Service], pg_threads: list[str]) -> dict[str, Any]:
     notes: list[str] = []
     database_url: str | None = None
@@ -795,7 +686,7 @@ def measure(args: argparse.Namespace, tmp: Path, started: list[Service], pg_thre
     configs = list(apps)
     if args.preload_memories:
         for config in configs:
-            preload_memories(Path(apps[config].env["APP_DATA_DIR"]), args.preload_memories)
+            preload_memories(Path((apps[config].env or {})["APP_DATA_DIR"]), args.preload_memories)
         log(f"memory stores preloaded with {args.preload_memories} memories of other sessions each")
     for service in (groq, elevenlabs, *apps.values()):
         service.start()
@@ -864,9 +755,7 @@ def measure(args: argparse.Namespace, tmp: Path, started: list[Service], pg_thre
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    # A `kill` of the bench cleans up like Ctrl-C; SIGINT too when started where it is ignored.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, _interrupt)
+    interrupt_on_signals()
     tmp = Path(tempfile.mkdtemp(prefix="app-bench-"))
     keep_tmp = args.keep_tmp
     started: list[Service] = []

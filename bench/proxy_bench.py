@@ -37,7 +37,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,14 +46,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH_DIR = ROOT / "bench"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.support import ROOT, BenchError, Service, clean_env, free_port, interrupt_on_signals, log
+
+BENCH_DIR = Path(__file__).resolve().parent
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -96,18 +97,7 @@ CONCERN_HEADERS = (
 )
 
 
-class BenchError(Exception):
-    """The benchmark itself cannot run (a tool is missing, a server does not start)."""
-
-
 # -- processes ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def process_group_cpu_seconds(pgid: int) -> float:
@@ -135,88 +125,18 @@ def rss_kib(pid: int) -> int:
 
 
 @dataclass
-class Service:
-    """A server run as a subprocess in a session of its own (Ctrl-C reaches only the bench)."""
+class Target(Service):
+    """A server wrk measures: ready when `GET /` answers `ok` (through the upstream, for the proxies)."""
 
-    name: str
-    argv: list[str]
-    port: int
-    log_path: Path
-    env: dict[str, str] | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    ready_body: bytes | None = b"ok"
     access_log: Path | None = None  # where its access log goes, when it writes one
     # CPU seconds spent for it outside its own processes so far (Redis, for the Redis store).
     extra_cpu: Callable[[], float] | None = None
     extra_cpu_name: str = ""
     requests_sent: int = 0  # by wrk, warm-ups included
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        if self.proc is None:
-            raise BenchError(f"{self.name} is not running")
-        return self.proc.pid
-
-    def start(self) -> None:
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until `GET /` answers `200 ok` (through the upstream, for the proxies)."""
-        deadline = time.monotonic() + timeout
-        last_error = "no answer"
-        with httpx.Client(timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if self.proc is None or self.proc.poll() is not None:
-                    code = None if self.proc is None else self.proc.returncode
-                    raise BenchError(f"{self.name} exited (status {code}):\n{self.log_tail()}")
-                try:
-                    response = client.get(self.url + "/")
-                    if response.status_code == 200 and response.content == b"ok":
-                        return
-                    last_error = f"status {response.status_code}, body {response.content[:80]!r}"
-                except httpx.HTTPError as exc:
-                    last_error = repr(exc)
-                time.sleep(0.05)
-        raise BenchError(f"{self.name} not ready after {timeout:.0f} s ({last_error}):\n{self.log_tail()}")
-
     def cpu_seconds(self) -> float:
         return process_group_cpu_seconds(self.pid)
-
-    def stop(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=8)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=5)
-        # Whatever the service left in its own process group (nginx's worker, say).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        self.proc = None
 
 
 def find_nginx() -> str | None:
@@ -226,15 +146,13 @@ def find_nginx() -> str | None:
     return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
 
 
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
+def bench_env(extra: dict[str, str]) -> dict[str, str]:
     """This environment without any edge setting of the caller's, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_") and k not in ("ENVIRONMENT", "PORT")}
-    env.update(extra)
-    return env
+    return clean_env(("EDGE_",), extra)
 
 
 def edge_env(upstream_url: str, port: int, extra: dict[str, str]) -> dict[str, str]:
-    return clean_env(
+    return bench_env(
         {
             "EDGE_UPSTREAM_URL": upstream_url,
             "EDGE_HOST": "127.0.0.1",
@@ -245,7 +163,7 @@ def edge_env(upstream_url: str, port: int, extra: dict[str, str]) -> dict[str, s
     )
 
 
-def nginx_service(name: str, nginx: str, tmp: Path, template: str, stem: str, upstream_port: int) -> Service:
+def nginx_service(name: str, nginx: str, tmp: Path, template: str, stem: str, upstream_port: int) -> Target:
     port = free_port()
     config = (
         (BENCH_DIR / template)
@@ -256,12 +174,12 @@ def nginx_service(name: str, nginx: str, tmp: Path, template: str, stem: str, up
         .replace("@@ALLOWED_ORIGIN_REGEX@@", re.escape(ORIGIN))
     )
     (tmp / f"{stem}.conf").write_text(config)
-    return Service(
+    return Target(
         name,
         [nginx, "-p", str(tmp), "-e", str(tmp / f"{stem}.error.log"), "-c", str(tmp / f"{stem}.conf")],
         port,
         tmp / f"{stem}.log",
-        env=clean_env({}),
+        env=bench_env({}),
     )
 
 
@@ -271,12 +189,12 @@ def build_services(
     big_bytes: int,
     concerns: bool,
     redis_store: RedisStore | None,
-) -> dict[str, Service]:
+) -> dict[str, Target]:
     python = sys.executable
     upstream_port = free_port()
     upstream_url = f"http://127.0.0.1:{upstream_port}"
     services = {
-        DIRECT: Service(
+        DIRECT: Target(
             DIRECT,
             [
                 python,
@@ -288,14 +206,14 @@ def build_services(
             ],
             upstream_port,
             tmp / "upstream.log",
-            env=clean_env({}),
+            env=bench_env({}),
         )
     }
     edge_port = free_port()
     # The plain edge as measured before the concerns were on by default: no rate limiting,
     # no access log, and no body limit of its own (like the plain nginx's
     # `client_max_body_size 0`), so the 1 GiB upload of the memory test goes through.
-    services[EDGE] = Service(
+    services[EDGE] = Target(
         EDGE,
         [python, "-m", "edge"],
         edge_port,
@@ -314,12 +232,12 @@ def build_services(
     if nginx is not None:
         services[NGINX] = nginx_service(NGINX, nginx, tmp, "nginx.conf.template", "nginx", upstream_port)
     naive_port = free_port()
-    services[NAIVE] = Service(
+    services[NAIVE] = Target(
         NAIVE,
         [python, str(BENCH_DIR / "naive_proxy.py"), "--port", str(naive_port), "--upstream", upstream_url],
         naive_port,
         tmp / "naive.log",
-        env=clean_env({}),
+        env=bench_env({}),
     )
     if not concerns:
         return services
@@ -332,7 +250,7 @@ def build_services(
         "EDGE_ACCESS_LOG": "true",
     }
     port = free_port()
-    services[EDGE_ALL_MEMORY] = Service(
+    services[EDGE_ALL_MEMORY] = Target(
         EDGE_ALL_MEMORY,
         [python, "-m", "edge"],
         port,
@@ -342,7 +260,7 @@ def build_services(
     )
     if redis_store is not None:
         port = free_port()
-        services[EDGE_ALL_REDIS] = Service(
+        services[EDGE_ALL_REDIS] = Target(
             EDGE_ALL_REDIS,
             [python, "-m", "edge"],
             port,
@@ -464,7 +382,7 @@ def wrk_argv(wrk: str, url: str, connections: int, duration: int) -> list[str]:
     ]
 
 
-def run_wrk(wrk: str, service: Service, connections: int, duration: int) -> WrkResult:
+def run_wrk(wrk: str, service: Target, connections: int, duration: int) -> WrkResult:
     argv = wrk_argv(wrk, service.url, connections, duration)
     extra_before = service.extra_cpu() if service.extra_cpu else 0.0
     cpu_before = service.cpu_seconds()
@@ -565,7 +483,7 @@ class MemoryResult:
     samples: int = 0
 
 
-def measure_memory(edge: Service, size: int, log: Callable[[str], None]) -> MemoryResult:
+def measure_memory(edge: Target, size: int, log: Callable[[str], None]) -> MemoryResult:
     """Streams `size` bytes up to `/upload` and down from `/big` through the edge."""
     pid = edge.pid
     timeout = httpx.Timeout(600.0, connect=10.0)
@@ -620,7 +538,7 @@ def measure_memory(edge: Service, size: int, log: Callable[[str], None]) -> Memo
 # -- checks of the concern targets -----------------------------------------------------------
 
 
-def response_headers(service: Service) -> dict[str, str]:
+def response_headers(service: Target) -> dict[str, str]:
     """The headers of `GET /` with the `Origin` wrk sends, names lower-cased."""
     with httpx.Client(timeout=5.0) as client:
         response = client.get(service.url + "/", headers={"origin": ORIGIN})
@@ -629,7 +547,7 @@ def response_headers(service: Service) -> dict[str, str]:
     return {name.lower(): value for name, value in response.headers.items()}
 
 
-def check_concern_headers(services: dict[str, Service], log: Callable[[str], None]) -> dict[str, Any]:
+def check_concern_headers(services: dict[str, Target], log: Callable[[str], None]) -> dict[str, Any]:
     """Every concern target must send the concerns' headers; reports where they differ."""
     seen = {name: response_headers(services[name]) for name in CONCERN_TARGETS if name in services}
     for name, headers in seen.items():
@@ -663,7 +581,7 @@ class AccessLog:
     requests_sent: int  # by wrk, warm-ups included; the readiness checks come on top
 
 
-def access_log_summary(service: Service) -> AccessLog | None:
+def access_log_summary(service: Target) -> AccessLog | None:
     """How many access-log lines the target wrote, against the requests wrk completed."""
     if service.access_log is None or not service.access_log.exists():
         return None
@@ -719,7 +637,7 @@ class Summary:
 
 
 def measure_throughput(
-    wrk: str, services: dict[str, Service], args: argparse.Namespace, log: Callable[[str], None]
+    wrk: str, services: dict[str, Target], args: argparse.Namespace, log: Callable[[str], None]
 ) -> tuple[dict[str, Summary], dict[str, Summary]]:
     """Interleaved rounds at c=N (every target) and c=1 (every target but the naive proxy)."""
     names = list(services)
@@ -1106,17 +1024,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)  # a `kill` of the bench cleans up like Ctrl-C
+    interrupt_on_signals()
     wrk = shutil.which("wrk")
     if wrk is None:
         print("proxy_bench: wrk is not installed (scripts/install_bench_tools.sh)", file=sys.stderr)
@@ -1143,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.chmod(0o755)  # nginx's worker may run as another user
     keep_tmp = args.keep_tmp
     services = build_services(tmp, nginx, args.memory_bytes, not args.skip_concerns, redis_store)
-    started: list[Service] = []
+    started: list[Target] = []
     try:
         upstream = services[DIRECT]
         upstream.start()

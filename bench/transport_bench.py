@@ -43,17 +43,11 @@ from opentelemetry.sdk.trace import TracerProvider
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.outbound import BreakerOpen, HostPolicy, Outbound, OutboundSettings
+from bench.support import free_port, percentile
 
 BENCH_DIR = Path(__file__).resolve().parent
 OVERHEAD_TARGET = 0.10
 REJECTION_P99_TARGET = 0.001
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def start_upstream(port: int) -> subprocess.Popen[bytes]:
@@ -118,11 +112,6 @@ async def rejection_latencies(rejections: int) -> list[float]:
     if len(latencies) != rejections:
         raise RuntimeError("a call went through an open breaker")
     return latencies
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def verdict(passed: bool) -> str:
