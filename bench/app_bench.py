@@ -46,7 +46,6 @@ import http.client
 import importlib.metadata
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -71,7 +70,7 @@ from app.memory.store import MemoryStore
 from app.settings import AppSettings
 from app.workflow import prompts
 from app.workflow.state import Message
-from bench.support import BenchError, Service, clean_env, free_port, interrupt_on_signals, log, percentile
+from bench.support import BenchError, Service, clean_env, free_port, interrupt_on_signals, log, machine, percentile
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 OVERHEAD_P95_BOUND_MS = 100.0  # the project's sanity bound on the app's overhead per text turn
@@ -509,17 +508,8 @@ def _versions() -> dict[str, str]:
 
 
 def machine_info() -> dict[str, Any]:
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **machine(),
         **_versions(),
     }
 

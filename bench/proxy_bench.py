@@ -28,11 +28,9 @@ Results are described in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.metadata
 import json
 import os
-import platform
 import re
 import secrets
 import shutil
@@ -53,7 +51,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.support import ROOT, BenchError, Service, clean_env, free_port, interrupt_on_signals, log
+from bench.support import ROOT, BenchError, Service, clean_env, free_port, interrupt_on_signals, log, machine
 
 BENCH_DIR = Path(__file__).resolve().parent
 MIB = 1024 * 1024
@@ -700,17 +698,8 @@ def _tool_version(argv: list[str]) -> str:
 
 
 def machine_info(wrk: str, nginx: str | None) -> dict[str, Any]:
-    cpu_model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
     return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": cpu_model,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
+        **machine(),
         "uvicorn": _version("uvicorn"),
         "uvloop": _version("uvloop"),
         "httptools": _version("httptools"),
