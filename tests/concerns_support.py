@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl
 import httpx
 from starlette.types import Receive, Scope, Send
 
-from tests.servers import ServerThread, serve
+from tests.servers import ServerThread, UpstreamApp, serve
 from tests.wire import WireClient
 
 APP_ORIGIN = "https://app.example.com"
@@ -42,6 +42,11 @@ CONTENT_TYPES = {
 ALWAYS_EXPOSED = {"x-request-id", "ratelimit", "ratelimit-policy", "retry-after"}
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
 ONE_YEAR = 31536000
+
+
+def times_forwarded(upstream: UpstreamApp, path: str) -> int:
+    """How many requests for exactly `path` reached the upstream."""
+    return upstream.record.paths().count(path.encode())
 
 
 def unique_path(prefix: str = "/echo") -> str:

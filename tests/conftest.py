@@ -21,6 +21,11 @@ def upstream_server() -> Iterator[tuple[ServerThread, UpstreamApp]]:
 
 
 @pytest.fixture(scope="session")
+def upstream_url(upstream_server: tuple[ServerThread, UpstreamApp]) -> str:
+    return upstream_server[0].url
+
+
+@pytest.fixture(scope="session")
 def upstream(upstream_server: tuple[ServerThread, UpstreamApp]) -> UpstreamApp:
     return upstream_server[1]
 

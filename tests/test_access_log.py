@@ -26,7 +26,7 @@ import pytest
 
 from common.logs import JsonFormatter
 from tests.processes import edge_process
-from tests.servers import RawUpstream, RunningEdge, ServerThread, UpstreamApp, closed_port, running_edge
+from tests.servers import RawUpstream, RunningEdge, closed_port, running_edge
 from tests.telemetry_support import LineCapture, capture_edge_logs, upstream_traceparent
 
 ISO_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
@@ -54,11 +54,6 @@ ACCESS_FIELDS = {
 def logs() -> Iterator[LineCapture]:
     with capture_edge_logs() as capture:
         yield capture
-
-
-@pytest.fixture(scope="module")
-def upstream_url(upstream_server: tuple[ServerThread, UpstreamApp]) -> str:
-    return upstream_server[0].url
 
 
 def request(

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from tests.processes import children_of, edge_process
-from tests.servers import ServerThread, UpstreamApp, closed_port
+from tests.servers import UpstreamApp, closed_port
 
 
 @dataclass
@@ -55,11 +55,6 @@ class BackgroundRequest:
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "the request never finished"
-
-
-@pytest.fixture
-def upstream_url(upstream_server: tuple[ServerThread, UpstreamApp]) -> str:
-    return upstream_server[0].url
 
 
 def wait_for_upstream_request(upstream: UpstreamApp, path: bytes, seen_before: int) -> None:

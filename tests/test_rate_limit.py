@@ -23,6 +23,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from edge.policy import Policy, load_policy
+from tests.concerns_support import times_forwarded, unique_path
 from tests.rate_limit_support import (
     collect_records,
     field_list,
@@ -31,7 +32,7 @@ from tests.rate_limit_support import (
     quotas,
     remaining_and_reset,
 )
-from tests.servers import RunningEdge, ServerThread, UpstreamApp, running_edge, wait_until
+from tests.servers import RunningEdge, UpstreamApp, running_edge, wait_until
 
 TRUST_LOOPBACK = [ip_network("127.0.0.0/8")]
 
@@ -59,23 +60,9 @@ routes:
 
 
 @pytest.fixture
-def upstream_url(upstream_server: tuple[ServerThread, UpstreamApp]) -> str:
-    return upstream_server[0].url
-
-
-@pytest.fixture
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(trust_env=False, timeout=5.0) as http:
         yield http
-
-
-def unique_path(prefix: str = "/echo") -> str:
-    return f"{prefix}/{uuid.uuid4().hex}"
-
-
-def forwarded(upstream: UpstreamApp, path: str) -> int:
-    """How many requests for exactly `path` reached the upstream."""
-    return upstream.record.paths().count(path.encode())
 
 
 def write_policy(tmp_path: Path, kind: str) -> Policy:
@@ -138,7 +125,7 @@ def test_fourth_request_over_the_default_limit_is_refused_with_429_and_never_for
     assert 1 <= retry_after(refused) <= 60
     assert retry_after(refused) == max(1, reset)
 
-    assert forwarded(upstream, path) == 3
+    assert times_forwarded(upstream, path) == 3
 
 
 def test_every_later_request_is_refused_too_and_none_is_forwarded(
@@ -150,7 +137,7 @@ def test_every_later_request_is_refused_too_and_none_is_forwarded(
         other_method = client.post(edge.url + path, content=b"x")
     assert statuses == [200, 200, 429, 429, 429, 429]
     assert_rate_limited(other_method)  # the default bucket is per client, not per method
-    assert forwarded(upstream, path) == 2
+    assert times_forwarded(upstream, path) == 2
 
 
 # -- 2. per-route policies from a policy file ---------------------------------------------------------
@@ -222,7 +209,7 @@ def test_rule_with_rate_limit_off_leaves_its_paths_unlimited(
     assert [response.status_code for response in unlimited_responses] == [200] * 6
     for response in unlimited_responses:
         assert has_no_rate_limit_fields(response), dict(response.headers)
-    assert forwarded(upstream, public) == 6
+    assert times_forwarded(upstream, public) == 6
     assert limited_statuses == [200, 200, 429]
 
 
@@ -324,7 +311,7 @@ def test_every_strategy_refuses_past_the_limit(
     for refused in responses[3:]:
         assert_rate_limited(refused)
         assert 1 <= retry_after(refused) <= 60
-    assert forwarded(upstream, path) == 3
+    assert times_forwarded(upstream, path) == 3
 
 
 # -- 5. dry run ---------------------------------------------------------------------------------------------
@@ -348,7 +335,7 @@ def test_dry_run_refuses_nothing_sends_no_fields_and_logs_the_would_be_refusal(
     assert [response.status_code for response in responses] == [200] * 4
     for response in responses:
         assert has_no_rate_limit_fields(response), dict(response.headers)
-    assert forwarded(upstream, path) == 4
+    assert times_forwarded(upstream, path) == 4
     assert [r.levelno for r in access_lines] == [logging.INFO] * 4
     assert [getattr(r, "status", None) for r in access_lines] == [200] * 4
     assert [getattr(r, "rate_limit", None) for r in access_lines] == [
@@ -508,4 +495,4 @@ def test_an_unlimited_edge_sends_no_rate_limit_fields(
     assert [response.status_code for response in responses] == [200] * 5
     for response in responses:
         assert has_no_rate_limit_fields(response)
-    assert forwarded(upstream, path) == 5
+    assert times_forwarded(upstream, path) == 5

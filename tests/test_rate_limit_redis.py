@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from edge.policy import Policy, RouteRule
+from tests.concerns_support import times_forwarded, unique_path
 from tests.processes import ServiceProcess, start_edge_process
 from tests.rate_limit_support import (
     REDIS_URL,
@@ -31,7 +31,7 @@ from tests.rate_limit_support import (
     remaining_and_reset,
     silent_server,
 )
-from tests.servers import ServerThread, UpstreamApp, closed_port, running_edge
+from tests.servers import UpstreamApp, closed_port, running_edge
 
 STORE_TIMEOUT = 0.1
 # A path whose rule switches rate limiting off: the same edge and upstream hop without the
@@ -40,22 +40,9 @@ FREE = Policy(routes=[RouteRule(path="/free", rate_limit="off")])
 
 
 @pytest.fixture
-def upstream_url(upstream_server: tuple[ServerThread, UpstreamApp]) -> str:
-    return upstream_server[0].url
-
-
-@pytest.fixture
 def client() -> Iterator[httpx.Client]:
     with httpx.Client(trust_env=False, timeout=10.0) as http:
         yield http
-
-
-def unique_path(prefix: str = "/echo") -> str:
-    return f"{prefix}/{uuid.uuid4().hex}"
-
-
-def forwarded(upstream: UpstreamApp, path: str) -> int:
-    return upstream.record.paths().count(path.encode())
 
 
 def envelope_code(response: httpx.Response) -> str:
@@ -105,7 +92,7 @@ def test_limit_holds_with_counters_in_redis(
     for refused in responses[3:]:
         assert envelope_code(refused) == "rate_limited"
         assert 1 <= int(refused.headers["retry-after"]) <= 60
-    assert forwarded(upstream, path) == 3
+    assert times_forwarded(upstream, path) == 3
     # The counters are in Redis, under this test's prefix, for this client's bucket.
     assert keys, "no key under the test's prefix: the counters are not in Redis"
     assert all("/default/127.0.0.1/3/1/minute" in key for key in keys), keys
@@ -152,7 +139,7 @@ def test_dead_store_with_fail_open_admits_and_ready_reports_degraded(
         assert quotas(response) == [("default-1m", 2, 60)]
         assert "ratelimit" not in response.headers  # nothing is known of the remaining quota
         assert "retry-after" not in response.headers
-    assert forwarded(upstream, path) == 6
+    assert times_forwarded(upstream, path) == 6
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "checks": {"upstream": "up", "rate_limit_store": "degraded"}}
     warnings = [r for r in records.snapshot() if r.levelno >= logging.WARNING]
@@ -186,9 +173,9 @@ def test_dead_store_with_fail_closed_refuses_limited_routes_with_503(
         assert envelope_code(response) == "rate_limit_unavailable"
         assert response.headers["retry-after"] == "1"
         assert response.headers["cache-control"] == "no-store"
-    assert forwarded(upstream, path) == 0
+    assert times_forwarded(upstream, path) == 0
     assert free.status_code == 200  # a route without a limit does not need the store
-    assert forwarded(upstream, free_path) == 1
+    assert times_forwarded(upstream, free_path) == 1
     assert ready.status_code == 503
     assert ready.json() == {"status": "unavailable", "checks": {"upstream": "up", "rate_limit_store": "down"}}
     assert live.status_code == 200
@@ -232,7 +219,7 @@ def test_hanging_store_costs_the_timeout_until_the_breaker_opens_then_nothing(
     slow_seconds = [round(seconds, 3) for _, seconds in slow]
     fast_seconds = [round(seconds, 3) for _, seconds in fast]
     assert [response.status_code for response, _ in slow + fast] == [200] * 9  # fail-open
-    assert forwarded(upstream, path) == 9
+    assert times_forwarded(upstream, path) == 9
     # Each of the first three waits for the store's timeout, and not much longer.
     for seconds in slow_seconds:
         assert STORE_TIMEOUT <= seconds < typical + STORE_TIMEOUT + 0.2, (slow_seconds, typical)
@@ -306,6 +293,6 @@ def test_two_edge_processes_sharing_redis_admit_exactly_the_limit(
         if response.status_code == 429:
             assert envelope_code(response) == "rate_limited"
             assert remaining == 0
-    assert forwarded(upstream, path) == limit
+    assert times_forwarded(upstream, path) == limit
     assert window_entries == [limit]
     assert exit_statuses == [0, 0], outputs

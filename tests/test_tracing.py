@@ -18,7 +18,7 @@ import httpx
 import pytest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from tests.servers import RunningEdge, ServerThread, UpstreamApp, closed_port, running_edge, start_edge
+from tests.servers import RunningEdge, ServerThread, closed_port, running_edge, start_edge
 from tests.telemetry_support import (
     OtlpCollector,
     TraceParent,
@@ -37,11 +37,6 @@ def echo(url: str, *, method: str = "GET", headers: dict[str, str] | None = None
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
-
-
-@pytest.fixture(scope="module")
-def upstream_url(upstream_server: tuple[ServerThread, UpstreamApp]) -> str:
-    return upstream_server[0].url
 
 
 @pytest.fixture(scope="module")
