@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.concerns_support import ScriptedUpstream, start_scripted_upstream
 from tests.servers import RawUpstream, RunningEdge, ServerThread, UpstreamApp, start_edge, start_upstream
 
 # The developer's own environment must not change what the tests see.
@@ -49,3 +50,11 @@ def raw_edge(raw_upstream: RawUpstream) -> Iterator[RunningEdge]:
     running = start_edge(raw_upstream.url, upstream_read_timeout=2.0)
     yield running
     running.server.stop()
+
+
+@pytest.fixture(scope="module")
+def scripted() -> Iterator[tuple[ServerThread, ScriptedUpstream]]:
+    """An upstream that answers what a test scripts; one per test module."""
+    server, app = start_scripted_upstream()
+    yield server, app
+    server.stop()

@@ -24,7 +24,6 @@ from tests.concerns_support import (
     ScriptedUpstream,
     assert_envelope,
     header_pairs,
-    start_scripted_upstream,
     tokens,
     unique_path,
 )
@@ -328,13 +327,6 @@ def test_sound_origin_settings_are_accepted(overrides: dict[str, object]) -> Non
 
 
 # -- WebSocket upgrades -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[tuple[ServerThread, ScriptedUpstream]]:
-    server, app = start_scripted_upstream()
-    yield server, app
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ from tests.concerns_support import (
     is_uuid7,
     now_millis,
     request_head,
-    start_scripted_upstream,
     tokens,
     unique_path,
     uuid7_millis,
@@ -40,13 +39,6 @@ from tests.servers import RawUpstream, RunningEdge, ServerThread, closed_port, r
 IMMUTABLE = "public, max-age=31536000, immutable"
 BODY_LIMIT = 1000
 HEADER_COUNT_LIMIT = 20
-
-
-@pytest.fixture(scope="module")
-def scripted() -> Iterator[tuple[ServerThread, ScriptedUpstream]]:
-    server, app = start_scripted_upstream()
-    yield server, app
-    server.stop()
 
 
 @pytest.fixture(scope="module")
