@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint typecheck install lock services bench
+.PHONY: run test lint typecheck install lock services test-tools bench
 
 $(INSTALLED): requirements/dev.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ install: $(INSTALLED)
 run: install
 	$(BIN)/python scripts/run_stack.py
 
-test: install services lint typecheck
+test: install services test-tools lint typecheck
 	$(BIN)/pytest
 
 lint: install
@@ -30,6 +30,11 @@ typecheck: install
 services:
 	@scripts/ensure_services.sh
 
+# The simulator's real speech (espeak-ng) and MP3 encoder (lame), which the tests exercise;
+# without them the simulator answers with tones and silent MP3 frames.
+test-tools:
+	@scripts/install_debian_packages.sh espeak-ng:espeak-ng lame:lame
+
 # Re-pins every deployable's transitive dependencies after a change to pyproject.toml.
 lock: install
 	$(BIN)/pip-compile --quiet --extra edge -o requirements/edge.lock pyproject.toml
@@ -38,5 +43,5 @@ lock: install
 
 # Not part of `make test`: load tests take minutes and need wrk (and nginx to compare).
 bench: install
-	@scripts/install_bench_tools.sh
+	@scripts/install_debian_packages.sh wrk:wrk nginx:nginx-light
 	$(BIN)/python bench/proxy_bench.py

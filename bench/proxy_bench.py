@@ -1018,7 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_on_signals()
     wrk = shutil.which("wrk")
     if wrk is None:
-        print("proxy_bench: wrk is not installed (scripts/install_bench_tools.sh)", file=sys.stderr)
+        print("proxy_bench: wrk is not installed (make bench installs it)", file=sys.stderr)
         return 2
     notes: list[str] = []
     nginx = None if args.no_nginx else find_nginx()
