@@ -6,7 +6,7 @@ import sys
 
 from common.settings import ConfigurationError
 from edge.policy import load_policy
-from edge.server import serve
+from edge.server.serve import serve
 from edge.settings import load_settings
 
 

@@ -23,8 +23,17 @@ class EdgeError:
 
 
 BAD_REQUEST = EdgeError(400, "bad_request", "The request is malformed.")
+BAD_HOST = EdgeError(400, "bad_request", "The request needs exactly one Host header, a valid host[:port].")
+BAD_TARGET = EdgeError(400, "bad_request", "The request target is not a valid path.")
+BAD_FRAMING = EdgeError(
+    400, "bad_request", "The request body is framed ambiguously: use one Content-Length or chunked alone."
+)
+REQUEST_TIMEOUT = EdgeError(408, "request_timeout", "The request was not received in time.")
 CORS_FORBIDDEN = EdgeError(403, "cors_forbidden", "This cross-origin request is not allowed.")
 PAYLOAD_TOO_LARGE = EdgeError(413, "payload_too_large", "The request body is larger than this endpoint accepts.")
+TOO_MANY_CONCURRENT_REQUESTS = EdgeError(
+    429, "too_many_concurrent_requests", "Too many requests at once from this client. Try again after Retry-After."
+)
 RATE_LIMITED = EdgeError(429, "rate_limited", "Too many requests. Try again after the time in Retry-After.")
 HEADERS_TOO_LARGE = EdgeError(
     431, "headers_too_large", "The request has too many headers, or headers that are too large."
@@ -32,6 +41,10 @@ HEADERS_TOO_LARGE = EdgeError(
 NOT_FOUND = EdgeError(404, "not_found", "There is nothing at this path.")
 METHOD_NOT_ALLOWED = EdgeError(405, "method_not_allowed", "This method is not allowed here.")
 INTERNAL_ERROR = EdgeError(500, "internal_error", "The edge failed to handle the request.")
+CONNECT_NOT_IMPLEMENTED = EdgeError(501, "not_implemented", "The CONNECT method is not supported.")
+TRANSFER_CODING_NOT_IMPLEMENTED = EdgeError(
+    501, "not_implemented", "Only the chunked transfer coding is supported for request bodies."
+)
 UPSTREAM_UNAVAILABLE = EdgeError(502, "upstream_unavailable", "The service could not be reached. Try again shortly.")
 UPSTREAM_BUSY = EdgeError(503, "upstream_busy", "The service is at capacity. Try again shortly.")
 RATE_LIMIT_UNAVAILABLE = EdgeError(
@@ -39,6 +52,17 @@ RATE_LIMIT_UNAVAILABLE = EdgeError(
 )
 SHUTTING_DOWN = EdgeError(503, "shutting_down", "The service is restarting. Try again shortly.")
 UPSTREAM_TIMEOUT = EdgeError(504, "upstream_timeout", "The service took too long to respond.")
+HTTP_VERSION_NOT_SUPPORTED = EdgeError(505, "http_version_not_supported", "Only HTTP/1.0 and HTTP/1.1 are supported.")
+
+
+class ResponseAborted(Exception):
+    """Raised after a response started to make the server cut the client's connection; the
+    server logs nothing more, whoever raised it has said why."""
+
+
+class RequestBodyTimeout(Exception):
+    """Raised by the server's `receive()` when the client sends its body too slowly
+    (docs/proxy.md, "Slow clients"); whoever reads the body answers 408."""
 
 
 def request_id_of(scope: Scope) -> str | None:

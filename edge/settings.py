@@ -48,6 +48,13 @@ class EdgeSettings(OtelSettings):
     upstream_pool_size: int = Field(100, ge=1)
     trusted_proxies: Annotated[list[IPNetwork], NoDecode] = []
     client_keep_alive_timeout: float = Field(75.0, gt=0)
+    client_header_timeout: float = Field(10.0, gt=0, le=300)
+    client_body_timeout: float = Field(10.0, gt=0, le=300)
+    client_body_min_rate: int = Field(1024, ge=0)
+    client_write_timeout: float = Field(30.0, gt=0, le=3600)
+    max_connections_per_client: int = Field(64, ge=1)
+    max_exchanges_per_client: int = Field(16, ge=1)
+    request_buffer_bytes: int = Field(64 * 1024, ge=0, le=16 * 1024 * 1024)
     drain_timeout: float = Field(20.0, ge=0)
     log_level: LogLevel = LogLevel.info
     access_log: bool = True

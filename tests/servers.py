@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edge.app import build_app
 from edge.policy import Policy
 from edge.proxy import Proxy
-from edge.server import uvicorn_options
+from edge.server.serve import server_config
 from edge.settings import EdgeSettings
 
 
@@ -512,10 +512,7 @@ def start_edge(upstream_url: str, policy: Policy | None = None, **overrides: Any
     overrides.setdefault("max_body_bytes", 1 << 40)
     settings = EdgeSettings(upstream_url=upstream_url, **overrides)
     proxy = Proxy(settings)
-    options = uvicorn_options(settings)
-    options.pop("host")
-    options.pop("port")
-    config = uvicorn.Config(build_app(settings, policy or Policy(), proxy), **options)
+    config = server_config(settings, build_app(settings, policy or Policy(), proxy))
     return RunningEdge(ServerThread(config).start(), proxy, settings)
 
 

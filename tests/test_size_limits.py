@@ -30,7 +30,16 @@ def limited_edge(upstream_server: tuple[ServerThread, UpstreamApp]) -> Iterator[
         max_body_bytes=LIMIT,
         max_header_count=HEADER_COUNT_LIMIT,
         max_header_bytes=HEADER_BYTES_LIMIT,
+        # Bodies up to the limit and past it are read before the upstream hears of them.
+        request_buffer_bytes=4 * LIMIT,
     ) as edge:
+        yield edge
+
+
+@pytest.fixture(scope="module")
+def streaming_limited_edge(upstream_server: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
+    """The same limit with request buffering off: every body streams to the upstream."""
+    with running_edge(upstream_server[0].url, max_body_bytes=LIMIT, request_buffer_bytes=0) as edge:
         yield edge
 
 
@@ -137,17 +146,16 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(data), data)
 
 
-def test_chunked_body_growing_past_the_limit_is_413_and_the_upstream_exchange_is_aborted(
-    limited_edge: RunningEdge, upstream: UpstreamApp
-) -> None:
-    path = unique_path("/upload")
+def send_chunks_past_the_limit(edge: RunningEdge, path: str) -> tuple[int, float]:
+    """Streams a chunked body past LIMIT without ever ending it; checks the 413 and the closed
+    connection, and returns the bytes sent and how long the answer took after the last one."""
     head = request_head("POST", path, [("Transfer-Encoding", "chunked")])
     piece = b"y" * 8192
     sent = 0
-    with RawConnection(limited_edge.port) as connection:
+    with RawConnection(edge.port) as connection:
         connection.send(head + chunk(piece))
         sent += len(piece)
-        time.sleep(0.2)  # the head and the first chunk are on their way upstream
+        time.sleep(0.2)  # the head and the first chunk are on their way
         while sent <= LIMIT:
             connection.send(chunk(piece))
             sent += len(piece)
@@ -159,6 +167,14 @@ def test_chunked_body_growing_past_the_limit_is_413_and_the_upstream_exchange_is
         assert response.values("connection") == ["close"]
         assert_envelope(413, response.headers, response.body, "payload_too_large")
         assert connection.closed_by_peer()
+    return sent, elapsed
+
+
+def test_chunked_body_growing_past_the_limit_is_413_and_the_upstream_exchange_is_aborted(
+    streaming_limited_edge: RunningEdge, upstream: UpstreamApp
+) -> None:
+    path = unique_path("/upload")
+    sent, elapsed = send_chunks_past_the_limit(streaming_limited_edge, path)
     assert elapsed < 1.0
     assert wait_until(lambda: any(gone[0] == path for gone in upstream.record.disconnects), 3), (
         "the upstream never saw its exchange end early"
@@ -166,6 +182,18 @@ def test_chunked_body_growing_past_the_limit_is_413_and_the_upstream_exchange_is
     lengths = recorded(upstream, path)
     assert all(length <= LIMIT for length in lengths), f"the upstream got more than the limit: {lengths}"
     assert sent not in lengths
+
+
+def test_chunked_body_past_the_limit_within_the_request_buffer_never_reaches_the_upstream(
+    limited_edge: RunningEdge, upstream: UpstreamApp
+) -> None:
+    # The edge reads up to EDGE_REQUEST_BUFFER_BYTES (here above the limit) before it opens
+    # the upstream exchange.
+    path = unique_path("/upload")
+    _, elapsed = send_chunks_past_the_limit(limited_edge, path)
+    assert elapsed < 1.0
+    time.sleep(0.2)
+    assert recorded(upstream, path) == []
 
 
 # -- per-route limits -------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Size limits: request headers (431) and bodies (413), without buffering anything.
 
-- Too many header fields, or more header bytes than allowed: 431.
+- Too many header fields, or more header bytes than allowed: 431. The client's own fields
+  are counted, as the server measured them before any layer added or removed one.
 - A declared `Content-Length` over the route's limit: 413 at once, before the body is read,
   so the server never sends `100 Continue` and the upstream never hears of the request.
 - A chunked body is counted as it streams through; the moment it passes the limit, the
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
 from edge.policy import RouteTable
+from edge.server.request_head import CLIENT_HEAD_EXTENSION
 
 CLOSE = [(b"connection", b"close")]
 
@@ -34,17 +36,15 @@ class SizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
 
-        headers = scope["headers"]
         declared_length = None
         chunked = False
-        header_bytes = 0
-        for name, value in headers:
-            header_bytes += len(name) + len(value) + 4  # ": " and CRLF, as on the wire
+        for name, value in scope["headers"]:
             if name == b"content-length":
                 declared_length = value
             elif name == b"transfer-encoding":
                 chunked = True
-        if len(headers) > self.max_header_count or header_bytes > self.max_header_bytes:
+        client_head: dict[str, int] = scope["extensions"][CLIENT_HEAD_EXTENSION]
+        if client_head["fields"] > self.max_header_count or client_head["bytes"] > self.max_header_bytes:
             if scope["type"] == "websocket":
                 await receive()  # websocket.connect
                 await errors.deny_websocket(scope, send, errors.HEADERS_TOO_LARGE)

@@ -24,7 +24,7 @@ class Proxy:
             read_timeout=settings.upstream_read_timeout,
             idle_timeout=settings.upstream_idle_timeout,
         )
-        self.http = HttpForwarder(self.pool)
+        self.http = HttpForwarder(self.pool, buffer_bytes=settings.request_buffer_bytes)
         self.websocket = WebSocketForwarder(
             origin,
             connect_timeout=settings.upstream_connect_timeout,

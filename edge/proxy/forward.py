@@ -1,15 +1,17 @@
 """The proxy core: forwards an HTTP exchange to the upstream unchanged, streaming.
 
-Follow one request: `__call__` -> `_open_exchange` (the request head built and its framing
-checked by `_request_head`; a pooled connection; the body pumped as it arrives; the
-response head awaited; a stale keep-alive connection retried once when that is safe) ->
-`Exchange.relay` (the response passed on chunk by chunk) -> `Exchange.close`.
+Follow one request: `__call__` -> `_open_exchange` (a small body read first, so a slow
+sender holds no upstream connection; the request head built by `_request_head`; a pooled
+connection; a larger body pumped by `ClientSide` as it arrives; the response head awaited;
+a stale keep-alive connection retried once when that is safe) -> `Exchange.relay` (the
+response passed on chunk by chunk) -> `Exchange.close`.
 
 Every failure before the response starts becomes an edge-made error in the project's
 envelope; after it starts, the client's connection is cut so a truncated body is never
 mistaken for a complete one. Whatever way the exchange ends - client gone, upstream gone,
-timeout, cancellation - the upstream connection is either returned clean to the pool or
-closed, never leaked.
+an early response, a timeout, cancellation - the upstream connection goes back to the
+pool only if its request was sent completely and its response read completely; otherwise
+it is closed (docs/proxy.md, "Framing the edge can prove").
 """
 
 from __future__ import annotations
@@ -37,37 +39,29 @@ from edge.proxy.upstream import (
 logger = logging.getLogger("edge.proxy")
 
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
+CLOSE = [(b"connection", b"close")]
 
 # Exchanges shorter than this end before a client's disconnect could matter; only longer
 # ones pay for a task that watches the client. Under load, queueing alone makes every
 # exchange last a few milliseconds, so the threshold sits well above that.
 WATCH_CLIENT_AFTER = 0.05
 
-Framing = Literal["length", "chunked"] | None
-
 # The upstream's status, for the layers around the core (the access log); absent when the
 # edge answered itself.
 UPSTREAM_STATUS_SCOPE_KEY = "edge.upstream_status"
 
-
-class BadRequest(Exception):
-    """The request cannot be forwarded as it is (ambiguous framing)."""
+Framing = Literal["length", "chunked"]
 
 
 class ClientDisconnected(Exception):
     """The client went away before the exchange finished."""
 
 
-class ResponseAborted(Exception):
-    """Raised after the response started to make the server cut the client's connection.
-
-    The server logs it; `edge.logs` drops that record, the proxy has already said why.
-    """
-
-
 class HttpForwarder:
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, *, buffer_bytes: int) -> None:
         self.pool = pool
+        self.buffer_bytes = buffer_bytes
         self._path_prefix = pool.origin.path_prefix
         self._default_host = pool.origin.authority
 
@@ -76,8 +70,8 @@ class HttpForwarder:
             exchange = await self._open_exchange(scope, receive)
         except ClientDisconnected:
             return  # nobody is left to answer
-        except BadRequest:
-            await errors.send_error(scope, send, errors.BAD_REQUEST)
+        except errors.RequestBodyTimeout:
+            await errors.send_error(scope, send, errors.REQUEST_TIMEOUT, CLOSE)
             return
         except PoolExhausted:
             await errors.send_error(scope, send, errors.UPSTREAM_BUSY, [(b"retry-after", b"1")])
@@ -89,9 +83,11 @@ class HttpForwarder:
             await errors.send_error(scope, send, errors.UPSTREAM_UNAVAILABLE)
             return
         except asyncio.CancelledError:
-            # Only the server cancels a request: when the drain ends, or its body was malformed.
+            # Only the server cancels a request: when the drain ends.
             await errors.send_error(scope, send, errors.SHUTTING_DOWN, [(b"retry-after", b"1")])
             raise
+        except OSError:
+            raise  # the client's connection is gone; the server knows
         except Exception:
             # A defect of ours: logged in full, answered in the envelope, never leaked.
             logger.exception("proxy failure before the response started")
@@ -103,99 +99,99 @@ class HttpForwarder:
         finally:
             exchange.close()
 
-    def _request_head(self, scope: Scope) -> tuple[bytes, Framing]:
-        """The request line and headers for the upstream, and how the body is framed."""
+    def _request_head(self, scope: Scope, framing: bytes | None) -> bytes:
+        """The request line and headers for the upstream, with exactly one framing field."""
         target = self._path_prefix + scope["raw_path"]
         if scope["query_string"]:
             target += b"?" + scope["query_string"]
         parts = [scope["method"].encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
-        content_length: bytes | None = None
-        chunked = has_host = False
+        has_host = False
         for name, value in scope["headers"]:
-            if name == b"transfer-encoding":
-                # Only chunked can be re-framed faithfully; anything else is refused.
-                if value.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
-                    raise BadRequest
-                chunked = True
-                continue
-            if name == b"content-length":
-                if content_length is not None:
-                    if value != content_length:
-                        raise BadRequest
-                    continue
-                content_length = value
-            elif name == b"host":
-                has_host = True
-            parts += (name, b": ", value, b"\r\n")
-        framing: Framing = None
-        if chunked:
-            if content_length is not None:
-                raise BadRequest  # request smuggling: both framings at once
-            parts.append(b"transfer-encoding: chunked\r\n")
-            framing = "chunked"
-        elif content_length is not None and content_length.strip() != b"0":
-            framing = "length"
+            if name not in FRAMING_FIELDS:
+                has_host = has_host or name == b"host"
+                parts += (name, b": ", value, b"\r\n")
         if not has_host:
+            # HTTP/1.0 may come without one; HTTP/1.1 towards the upstream needs one.
             parts += (b"host: ", self._default_host, b"\r\n")
+        if framing is not None:
+            parts.append(framing)
         forwarded: ForwardedRequest = scope[FORWARDED_SCOPE_KEY]
         for name, value in forwarded.upstream_headers():
             parts += (name, b": ", value, b"\r\n")
         parts.append(b"\r\n")
-        return b"".join(parts), framing
+        return b"".join(parts)
 
     async def _open_exchange(self, scope: Scope, receive: Receive) -> Exchange:
         """Sends the request and waits for the response head."""
-        head, framing = self._request_head(scope)
+        framing, declared_length = _client_framing(scope["headers"])
+        prefix = b""
+        complete = framing is None
+        if framing is not None and self.buffer_bytes and (framing == "chunked" or declared_length <= self.buffer_bytes):
+            # A small body is read before an upstream connection is taken: a client that
+            # sends it slowly then holds only its own connection, never the pool's.
+            prefix, complete = await _read_body(receive, self.buffer_bytes)
+        if complete:
+            framing_field = b"content-length: %d\r\n" % len(prefix) if framing is not None else None
+        elif framing == "chunked":
+            framing_field = b"transfer-encoding: chunked\r\n"
+        else:
+            framing_field = b"content-length: %d\r\n" % declared_length
+        head = self._request_head(scope, framing_field)
         head_request = scope["method"] == "HEAD"
-        # Only a request without a body can be sent again: a streamed body is gone.
-        retryable = framing is None and scope["method"] in IDEMPOTENT_METHODS
+        # Only a request whose whole body is at hand can be sent again.
+        retryable = complete and scope["method"] in IDEMPOTENT_METHODS
         while True:
             connection = await self.pool.acquire()
-            client_watch: ClientWatch | None = None
+            client: ClientSide | None = None
             try:
                 connection.start(head_request=head_request)
-                connection.write(head)
-                if framing is not None:
-                    await _pump_body(receive, connection, chunked=framing == "chunked")
-                client_watch = ClientWatch(receive, connection)
+                if complete:
+                    connection.write(head + prefix)
+                    connection.end_request()
+                    client = ClientSide(receive, connection, pump=None)
+                else:
+                    connection.write(head)
+                    if prefix:
+                        connection.write(_frame(prefix, chunked=framing == "chunked"))
+                    client = ClientSide(receive, connection, pump=framing)
                 status, headers = await connection.read_head()
-                return Exchange(self.pool, connection, client_watch, status, headers)
+                return Exchange(self.pool, connection, client, status, headers)
             except StaleConnection:
-                self._end(connection, client_watch)
+                self._end(connection, client)
                 if not retryable:
                     raise
                 retryable = False
             except UpstreamError:
-                self._end(connection, client_watch)
-                if client_watch is not None and client_watch.client_gone:
-                    raise ClientDisconnected from None  # the watch closed the connection
+                self._end(connection, client)
+                if client is not None:
+                    client.raise_failure()  # the client's side closed the connection, and why
                 raise
             except BaseException:
-                self._end(connection, client_watch)
+                self._end(connection, client)
                 raise
 
-    def _end(self, connection: UpstreamConnection, client_watch: ClientWatch | None) -> None:
-        if client_watch is not None:
-            client_watch.stop()
+    def _end(self, connection: UpstreamConnection, client: ClientSide | None) -> None:
+        if client is not None:
+            client.stop()
         self.pool.release(connection)
 
 
 class Exchange:
     """An exchange whose response head has arrived: relays the response, then ends."""
 
-    __slots__ = ("client_watch", "connection", "headers", "pool", "status")
+    __slots__ = ("client", "connection", "headers", "pool", "status")
 
     def __init__(
         self,
         pool: UpstreamPool,
         connection: UpstreamConnection,
-        client_watch: ClientWatch,
+        client: ClientSide,
         status: int,
         headers: Headers,
     ) -> None:
         self.pool = pool
         self.connection = connection
-        self.client_watch = client_watch
+        self.client = client
         self.status = status
         self.headers = headers
 
@@ -208,66 +204,128 @@ class Exchange:
             while more:
                 body, more = await self.connection.read_body()
                 await send({"type": "http.response.body", "body": body, "more_body": more})
-        except Exception as exc:
-            if self.client_watch.client_gone:
+        except OSError:
+            return  # the client's connection is gone (ASGI servers raise OSError on send)
+        except UpstreamError as exc:
+            if self.client.gone:
                 return
-            logger.warning("response cut short: %s", exc or type(exc).__name__)
-            raise ResponseAborted from None
+            logger.warning("response cut short: %s", exc)
+            raise errors.ResponseAborted from None
 
     def close(self) -> None:
         """Returns the connection to the pool if the exchange ended cleanly, else closes it."""
-        self.client_watch.stop()
+        self.client.stop()
         self.pool.release(self.connection)
 
 
-async def _pump_body(receive: Receive, connection: UpstreamConnection, *, chunked: bool) -> None:
+def _client_framing(headers: Headers) -> tuple[Framing | None, int]:
+    """How the client framed its body; the server has refused every ambiguous framing."""
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return "chunked", 0
+        if name == b"content-length":
+            length = int(value)
+            return ("length", length) if length else (None, 0)
+    return None, 0
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
+    """At least `limit` bytes of the body, or all of it if shorter, and whether it is all."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        body = message.get("body", b"")
+        parts.append(body)
+        size += len(body)
+        if not message.get("more_body", False):
+            return b"".join(parts), True
+        if size >= limit:
+            return b"".join(parts), False
+
+
+def _frame(body: bytes, *, chunked: bool) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(body), body) if chunked else body
+
+
+class ClientSide:
+    """The client's half of an exchange: the rest of the request body, pumped upstream as
+    it arrives, then a watch for the client going away, which ends the exchange at once.
+
+    The server tells of a disconnect only through `receive()`, so this costs a task; with
+    no body to pump it is started only once the exchange has lasted `WATCH_CLIENT_AFTER`.
+    """
+
+    __slots__ = ("_connection", "_receive", "_task", "_timer", "error", "gone")
+
+    def __init__(self, receive: Receive, connection: UpstreamConnection, *, pump: Framing | None) -> None:
+        self._receive = receive
+        self._connection = connection
+        self.gone = False
+        self.error: BaseException | None = None
+        self._task: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        if pump is None:
+            self._timer = connection.loop.call_later(WATCH_CLIENT_AFTER, self._start_watch)
+        else:
+            self._task = asyncio.ensure_future(self._pump_then_watch(chunked=pump == "chunked"))
+
+    def _start_watch(self) -> None:
+        self._task = asyncio.ensure_future(self._watch())
+
+    async def _pump_then_watch(self, *, chunked: bool) -> None:
+        try:
+            sent = await _pump_body(self._receive, self._connection, chunked=chunked)
+        except ClientDisconnected:
+            self.gone = True
+            self._connection.abort()
+            return
+        except Exception as exc:  # a slow client, an upstream that stopped reading
+            self.error = exc
+            self._connection.abort()
+            return
+        if sent:
+            self._connection.end_request()
+        await self._watch()
+
+    async def _watch(self) -> None:
+        message: Message = {"type": ""}
+        with suppress(OSError, errors.RequestBodyTimeout):
+            while message["type"] != "http.disconnect":
+                message = await self._receive()
+        self.gone = True
+        self._connection.abort()
+
+    def raise_failure(self) -> None:
+        """Raises what made the client's side end the exchange, if it did."""
+        if self.gone:
+            raise ClientDisconnected
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def _pump_body(receive: Receive, connection: UpstreamConnection, *, chunked: bool) -> bool:
+    """Writes the body upstream as it arrives; False if the upstream closed before its end."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         body = message.get("body", b"")
         more = message.get("more_body", False)
-        if chunked:
-            if body:
-                connection.write(b"%x\r\n%b\r\n" % (len(body), body))
-            if not more:
+        if body:
+            connection.write(_frame(body, chunked=chunked))
+        if not more:
+            if chunked:
                 connection.write(b"0\r\n\r\n")
-        elif body:
-            connection.write(body)
-        if not more or connection.closed:
-            # A closed connection may have answered early (413, 401): read that answer.
-            return
+            return not connection.closed
+        if connection.closed:
+            return False  # it answered early (413, 401) and hung up: the answer is read
         await connection.drain()
-
-
-class ClientWatch:
-    """Closes the upstream exchange as soon as the client goes away.
-
-    The server tells of a disconnect only through `receive()`, so watching costs a task;
-    it is started only once the exchange has lasted `WATCH_CLIENT_AFTER`.
-    """
-
-    __slots__ = ("_connection", "_receive", "_task", "_timer", "client_gone")
-
-    def __init__(self, receive: Receive, connection: UpstreamConnection) -> None:
-        self._receive = receive
-        self._connection = connection
-        self._task: asyncio.Task[None] | None = None
-        self._timer = connection.loop.call_later(WATCH_CLIENT_AFTER, self._start)
-        self.client_gone = False
-
-    def _start(self) -> None:
-        self._task = asyncio.ensure_future(self._watch())
-
-    async def _watch(self) -> None:
-        message: Message = {"type": ""}
-        with suppress(OSError):
-            while message["type"] != "http.disconnect":
-                message = await self._receive()
-        self.client_gone = True
-        self._connection.abort()
-
-    def stop(self) -> None:
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()

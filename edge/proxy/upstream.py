@@ -9,7 +9,13 @@ straight into httptools' C parser. The client does only what a reverse proxy nee
 - response bodies are buffered at most `BUFFER_HIGH` bytes per connection; past that the
   socket stops being read until the client has taken the data (flat memory at any size);
 - connections idle longer than the idle timeout are closed instead of reused, so the
-  upstream's own keep-alive expiry does not race with a new request.
+  upstream's own keep-alive expiry does not race with a new request;
+- a connection is reused only when its request was sent completely (`end_request`) and
+  its response read completely, with not a byte more: a second response, trailers or
+  stray bytes close it. Conflicting framing (both `Content-Length` and
+  `Transfer-Encoding`, two lengths) is refused by the parser, and a transfer coding other
+  than chunked, which the edge could not pass on faithfully, is refused here: the
+  forwarder answers 502.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ class PoolExhausted(UpstreamError):
     """Every connection the pool may open is busy."""
 
 
+class _Unexpected(Exception):
+    """Stops the parser at a byte the exchange cannot account for."""
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     scheme: str
@@ -84,7 +94,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self._exchange_active = False
+        self._request_sent = False
         self._waiter: asyncio.Future[None] | None = None
+        self._wait_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._reset_exchange(head_request=False)
@@ -118,8 +130,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._received_any = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._fail(UpstreamUnavailable("malformed response"))
+        except httptools.HttpParserError as exc:
+            unexpected = isinstance(exc, httptools.HttpParserCallbackError) and isinstance(exc.__context__, _Unexpected)
+            self._fail(UpstreamUnavailable(str(exc.__context__) if unexpected else "malformed response"))
             self.abort()
             return
         if self._buffered > BUFFER_HIGH and not self._read_paused and self.transport:
@@ -150,7 +163,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:
+            # One request, one response: a second one would be merged into the first.
+            raise _Unexpected("bytes after the response")
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:
+            return  # a trailer field: never merged into the response head
         name = name.lower()
         if name == b"content-length" or name == b"transfer-encoding":
             self._framed = True
@@ -164,6 +184,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._headers = []
             self._framed = False
             return
+        codings = [value for name, value in self._headers if name == b"transfer-encoding"]
+        if codings and b",".join(codings).strip().lower() != b"chunked":
+            raise _Unexpected("a transfer coding other than chunked")
         self._status = status
         self._head_done = True
         if self._head_request:
@@ -192,6 +215,14 @@ class UpstreamConnection(asyncio.Protocol):
     def start(self, *, head_request: bool) -> None:
         self._reset_exchange(head_request=head_request)
         self._exchange_active = True
+        self._request_sent = False
+
+    def end_request(self) -> None:
+        """The whole request is written; from now on the upstream's silence is timed."""
+        self._request_sent = True
+        waiter = self._waiter
+        if waiter is not None and self._wait_timer is None:
+            self._wait_timer = self.loop.call_later(self._pool.read_timeout, self._time_out, waiter)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.closed:
@@ -209,11 +240,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self._drain_waiter = None
 
     async def read_head(self) -> tuple[int, Headers]:
-        while not self._head_done:
+        while True:
+            # An error wins over a head that came with it (a second response behind it).
             if self._error is not None:
                 raise self._error
+            if self._head_done:
+                return self._status, self._headers
             await self._wait()
-        return self._status, self._headers
 
     async def read_body(self) -> tuple[bytes, bool]:
         """The next part of the body and whether more may follow."""
@@ -233,7 +266,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        return self._complete and self._keep_alive and not self.closed
+        return self._request_sent and self._complete and self._keep_alive and self._error is None and not self.closed
 
     def finish(self) -> None:
         self._exchange_active = False
@@ -248,11 +281,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def _wait(self) -> None:
         waiter = self._waiter = self.loop.create_future()
-        handle = self.loop.call_later(self._pool.read_timeout, self._time_out, waiter)
+        # While the request is still being sent, the client's pace sets the time (the
+        # server's body timeouts bound it); the read timeout starts once it is all sent.
+        if self._request_sent:
+            self._wait_timer = self.loop.call_later(self._pool.read_timeout, self._time_out, waiter)
         try:
             await waiter
         finally:
-            handle.cancel()
+            if self._wait_timer is not None:
+                self._wait_timer.cancel()
+                self._wait_timer = None
             self._waiter = None
 
     def _wake(self) -> None:
