@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount
+from starlette.routing import Mount, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from common.settings import Environment
@@ -25,6 +25,7 @@ from common.telemetry import configure_telemetry
 from edge import errors
 from edge.concerns.access_log import AccessLogMiddleware
 from edge.concerns.cache_policy import CachePolicyMiddleware, cache_control_value
+from edge.concerns.client_concurrency import ClientConcurrencyMiddleware
 from edge.concerns.cors import CorsMiddleware
 from edge.concerns.rate_limit import LimitStore, RateLimitMiddleware, build_route_policies
 from edge.concerns.request_id import RequestIdMiddleware
@@ -39,7 +40,7 @@ from edge.concerns.security_headers import (
 from edge.concerns.size_limits import SizeLimitMiddleware
 from edge.concerns.tracing import TracingMiddleware
 from edge.health import health_routes
-from edge.policy import Policy, RouteTable, load_policy
+from edge.policy import PathRedactor, Policy, RouteTable, load_policy
 from edge.proxy import Proxy
 from edge.proxy.ingress import IngressMiddleware
 from edge.settings import EdgeSettings, load_settings
@@ -85,17 +86,17 @@ def build_app(settings: EdgeSettings, policy: Policy, proxy: Proxy | None = None
         proxy.pool.close()
         telemetry.shutdown()
 
+    checks = {"upstream": proxy.pool.check, "rate_limit_store": limit_store.health}
     own_endpoints = Starlette(
-        routes=[
-            Mount(
-                EDGE_PATH,
-                routes=health_routes({"upstream": proxy.pool.check, "rate_limit_store": limit_store.health}),
-            )
-        ],
+        routes=[Mount(EDGE_PATH, app=Router(health_routes(checks), redirect_slashes=False))],
         lifespan=lifespan,
         exception_handlers={HTTPException: _edge_route_error},
     )
+    # No trailing-slash redirects (`/_edge`, `/_edge/live/`): Starlette builds their absolute
+    # `Location` from the client's unvalidated `Host`. Those paths are 404s in the envelope.
+    own_endpoints.router.redirect_slashes = False
     production_like = settings.environment != Environment.development
+    redact_path = PathRedactor(policy)
 
     # Outermost first: a request passes these top to bottom, its response bottom to top,
     # so every response made by a lower layer (403, 413, 429, 431, 502...) gets the
@@ -103,8 +104,8 @@ def build_app(settings: EdgeSettings, policy: Policy, proxy: Proxy | None = None
     chain = [
         Middleware(IngressMiddleware, trusted_proxies=settings.trusted_proxies),
         Middleware(RequestIdMiddleware),
-        Middleware(TracingMiddleware, tracer=telemetry.tracer),
-        *([Middleware(AccessLogMiddleware)] if settings.access_log else []),
+        Middleware(TracingMiddleware, tracer=telemetry.tracer, redact=redact_path),
+        *([Middleware(AccessLogMiddleware, redact=redact_path)] if settings.access_log else []),
         Middleware(
             SecurityHeadersMiddleware,
             api_headers=preset(API_CONTENT_SECURITY_POLICY, settings.hsts_max_age, NO_REFERRER),
@@ -129,6 +130,7 @@ def build_app(settings: EdgeSettings, policy: Policy, proxy: Proxy | None = None
             max_header_count=settings.max_header_count,
             max_header_bytes=settings.max_header_bytes,
         ),
+        Middleware(ClientConcurrencyMiddleware, max_exchanges=settings.max_exchanges_per_client),
         Middleware(
             RateLimitMiddleware,
             store=limit_store,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.settings import ConfigurationError
-from edge.policy import Policy, RouteRule, RouteTable, load_policy, path_matcher
+from edge.policy import REDACTED, PathRedactor, Policy, RouteRule, RouteTable, load_policy, path_matcher
 
 TOML_POLICY = """
 [[routes]]
@@ -191,6 +191,24 @@ INVALID = [
         ["policy.yaml"],
         id="yaml-list-instead-of-mapping",
     ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\npath = "/api/v1/sessions"\nredact = true\n',
+        ["routes.0", "redact = true needs a `*`", "/api/v1/sessions"],
+        id="redact-on-a-prefix",
+    ),
+    pytest.param(
+        "policy.yaml",
+        "routes:\n  - path: /api/**\n    redact: true\n",
+        ["routes.0", "redact = true needs a `*`", "/api/**"],
+        id="redact-with-only-double-star",
+    ),
+    pytest.param(
+        "policy.toml",
+        '[[routes]]\npath = "/api/*"\nredact = "sometimes"\n',
+        ["routes.0.redact"],
+        id="redact-not-a-boolean",
+    ),
 ]
 
 
@@ -283,6 +301,10 @@ def test_file_that_is_not_text_is_a_configuration_error(tmp_path: Path) -> None:
         ("/v1.0/*", "/v1x0/x", False),
         ("/a+b/*", "/a+b/x", True),
         ("/a+b/*", "/aab/x", False),
+        # A decoded path may hold a newline (`%0A`): still one segment, still any depth.
+        ("/a/*", "/a/b\nc", True),
+        ("/a/**", "/a/b\nc/d", True),
+        ("/a/**/z", "/a/\n/z", True),
     ],
 )
 def test_path_matcher(pattern: str, path: str, matches: bool) -> None:
@@ -356,3 +378,97 @@ def test_the_shipped_policy_file_is_valid_and_lets_voice_uploads_through() -> No
     body_limits = RouteTable.from_policy(policy, 1024 * 1024, lambda rule: rule.max_body_bytes)
     assert body_limits.lookup("POST", "/api/v1/sessions/abc/turns")[0] == 10 * 1024 * 1024
     assert body_limits.lookup("POST", "/api/v1/sessions")[0] == 1024 * 1024
+
+
+# -- redaction ------------------------------------------------------------------------------------------
+
+
+def test_redact_loads_from_toml_and_yaml(tmp_path: Path) -> None:
+    toml = '[[routes]]\npath = "/s/*/**"\nredact = true\n\n[[routes]]\npath = "/s/public"\nredact = false\n'
+    yaml_text = "routes:\n  - path: /s/*/**\n    redact: true\n  - path: /s/public\n    redact: false\n"
+    expected = Policy(routes=[RouteRule(path="/s/*/**", redact=True), RouteRule(path="/s/public", redact=False)])
+    assert load_policy(write(tmp_path, "p.toml", toml)) == expected
+    assert load_policy(write(tmp_path, "p.yaml", yaml_text)) == expected
+    assert RouteRule(path="/x").redact is None
+
+
+def redactor(*rules: RouteRule) -> PathRedactor:
+    return PathRedactor(Policy(routes=list(rules)))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "path", "shown"),
+    [
+        # Each `*` is redacted; `**` and the literal parts are kept.
+        ("/sessions/*", "/sessions/abc", "/sessions/{redacted}"),
+        ("/sessions/*/**", "/sessions/abc", "/sessions/{redacted}"),
+        ("/sessions/*/**", "/sessions/abc/turns", "/sessions/{redacted}/turns"),
+        ("/sessions/*/**", "/sessions/abc/turns/7/x", "/sessions/{redacted}/turns/7/x"),
+        ("/sessions/*/**", "/sessions/abc/", "/sessions/{redacted}/"),
+        ("/a/*/b/*", "/a/one/b/two", "/a/{redacted}/b/{redacted}"),
+        ("/files/*.png", "/files/secret.png", "/files/{redacted}.png"),
+        ("/k/key-*-*", "/k/key-1-2", "/k/key-{redacted}-{redacted}"),
+        ("/**/token/*", "/x/y/token/abc", "/x/y/token/{redacted}"),
+        # A segment holding a newline is still one segment, and all of it is redacted.
+        ("/sessions/*/**", "/sessions/ab\ncd/turns\n", "/sessions/{redacted}/turns\n"),
+        # An empty segment hides nothing and is shown as it came.
+        ("/sessions/*/**", "/sessions//turns", "/sessions//turns"),
+        # A path the rule does not match is shown in full.
+        ("/sessions/*/**", "/sessions", "/sessions"),
+        ("/sessions/*/**", "/other/abc", "/other/abc"),
+        ("/sessions/*", "/sessions/abc/turns", "/sessions/abc/turns"),
+    ],
+)
+def test_redactor_replaces_what_each_star_matched(pattern: str, path: str, shown: str) -> None:
+    assert redactor(RouteRule(path=pattern, redact=True))("GET", path) == shown
+
+
+def test_redactor_first_rule_that_sets_redact_wins() -> None:
+    redact = redactor(
+        RouteRule(path="/s/*/turns", rate_limit="1/minute"),  # matches, sets no `redact`: skipped
+        RouteRule(path="/s/public/**", redact=False),  # an exemption, before the broad rule
+        RouteRule(path="/s/*/**", methods=["delete"], redact=True),
+        RouteRule(path="/s/*/*", redact=True),
+        RouteRule(path="/s/**", redact=False),  # never reached for what the rules above match
+    )
+    assert redact("GET", "/s/abc/turns") == "/s/{redacted}/{redacted}"
+    assert redact("DELETE", "/s/abc/turns") == "/s/{redacted}/turns"
+    assert redact("DELETE", "/s/abc") == "/s/{redacted}"
+    assert redact("GET", "/s/abc") == "/s/abc"  # only DELETE is redacted at that depth
+    assert redact("DELETE", "/s/public/abc") == "/s/public/abc"
+    assert redact("GET", "/elsewhere/abc") == "/elsewhere/abc"
+
+
+def test_redactor_without_redact_rules_shows_paths_as_they_came() -> None:
+    assert redactor()("GET", "/sessions/abc") == "/sessions/abc"
+    assert redactor(RouteRule(path="/sessions/*", rate_limit="1/minute"))("GET", "/sessions/abc") == "/sessions/abc"
+
+
+SHIPPED_POLICY = Path(__file__).resolve().parent.parent / "config" / "edge-policy.toml"
+ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "PROPFIND"]
+SESSION_ID = "0194f3c2-9b1e-7a3d-8c4f-2e6b1a9d0c57"
+AUDIO_ID = "3f9a1c2e4b5d6e7f8091a2b3c4d5e6f7"
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        (f"/api/v1/sessions/{SESSION_ID}", "/api/v1/sessions/{redacted}"),
+        (f"/api/v1/sessions/{SESSION_ID}/", "/api/v1/sessions/{redacted}/"),
+        (f"/api/v1/sessions/{SESSION_ID}/turns", "/api/v1/sessions/{redacted}/turns"),
+        (f"/api/v1/sessions/{SESSION_ID}/turns/2/audio", "/api/v1/sessions/{redacted}/turns/2/audio"),
+        (f"/api/v1/audio/{AUDIO_ID}", "/api/v1/audio/{redacted}"),
+        (f"/api/v1/audio/{AUDIO_ID}/x", "/api/v1/audio/{redacted}/x"),
+        # Paths without an id are shown as they are.
+        ("/api/v1/sessions", "/api/v1/sessions"),
+        ("/api/v1/ready", "/api/v1/ready"),
+        ("/", "/"),
+    ],
+)
+def test_the_shipped_policy_redacts_session_and_audio_ids_for_every_method(method: str, path: str, shown: str) -> None:
+    redact = PathRedactor(load_policy(SHIPPED_POLICY))
+    assert redact(method, path) == shown
+    assert SESSION_ID not in shown
+    assert AUDIO_ID not in shown
+    assert (REDACTED in shown) is (path != shown)

@@ -1,8 +1,9 @@
 """Access log: one JSON line per request, written when the exchange ends.
 
-Fields: method, path (without the query, which may carry secrets), status (499 when the
-client left before any response), bytes in and out, duration, the client address as
-resolved through trusted proxies, the upstream's status (absent when the edge answered
+Fields: method, path (without the query, which may carry secrets, and with what policy
+rules mark `redact` shown as `{redacted}`, so capability ids stay out of logs), status (499
+when the client left before any response), bytes in and out, duration, the client address
+as resolved through trusted proxies, the upstream's status (absent when the edge answered
 itself) and the rate-limit decision; the formatter adds time, request id and trace id.
 The edge's own `/_edge/` probes are logged at debug level, so health checks do not
 drown the log.
@@ -16,6 +17,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.concerns.rate_limit import DECISION_SCOPE_KEY
+from edge.policy import PathRedactor
 from edge.proxy import UPSTREAM_STATUS_SCOPE_KEY
 
 logger = logging.getLogger("edge.access")
@@ -24,8 +26,9 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's convention: no response was sent
 
 
 class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, redact: PathRedactor) -> None:
         self.app = app
+        self.redact = redact
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -61,10 +64,11 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive_counting, send_counting)
         finally:
-            path = scope["path"]
-            level = logging.DEBUG if path.startswith("/_edge/") else logging.INFO
+            level = logging.DEBUG if scope["path"].startswith("/_edge/") else logging.INFO
             if logger.isEnabledFor(level):
                 client = scope.get("client")
+                method = scope.get("method", "GET")
+                path = self.redact(method, scope["path"])
                 logger.log(
                     level,
                     "%s %s %s",
@@ -72,7 +76,7 @@ class AccessLogMiddleware:
                     path,
                     status,
                     extra={
-                        "method": scope.get("method", "GET"),
+                        "method": method,
                         "path": path,
                         "status": status,
                         "bytes_in": bytes_in,

@@ -3,7 +3,8 @@
 An incoming `traceparent` is continued only when it comes from a trusted proxy. From
 anyone else it starts a new trace (a client must not be able to join, or flood, traces of
 its choosing) and the client's span context is kept as a link. The span covers the whole
-exchange, streams included, with no span per chunk.
+exchange, streams included, with no span per chunk. Its `url.path` is redacted like the
+access log's: the parts that policy rules mark `redact` are `{redacted}`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from edge.policy import PathRedactor
 from edge.proxy.ingress import FORWARDED_SCOPE_KEY, ForwardedRequest
 
 TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
@@ -20,9 +22,10 @@ propagator = TraceContextTextMapPropagator()
 
 
 class TracingMiddleware:
-    def __init__(self, app: ASGIApp, tracer: trace.Tracer) -> None:
+    def __init__(self, app: ASGIApp, tracer: trace.Tracer, redact: PathRedactor) -> None:
         self.app = app
         self.tracer = tracer
+        self.redact = redact
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -57,7 +60,7 @@ class TracingMiddleware:
             links=links,
             attributes={
                 "http.request.method": method,
-                "url.path": scope["path"],
+                "url.path": self.redact(method, scope["path"]),
                 "url.scheme": forwarded.proto,
                 "client.address": forwarded.client,
             },

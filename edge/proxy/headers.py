@@ -34,6 +34,29 @@ RESPONSE_HOP_BY_HOP = HOP_BY_HOP | {b"date"}
 # The edge re-issues these for every request; the client's copies are never forwarded.
 FORWARDING = frozenset({b"forwarded", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 
+# Non-standard spellings of a client address, scheme, host, port, prefix or URL, which some
+# frameworks and CDNs believe. The edge re-issues only the standard forwarding headers, so
+# these are dropped from every peer, trusted proxies included: an app that trusts one would
+# otherwise let a client pick its own address or route.
+CLIENT_CLAIMS = frozenset(
+    {
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-cluster-client-ip",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-forwarded-scheme",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-host",
+        b"x-host",
+    }
+)
+
 # A `Connection` header may name extra hop-by-hop fields, but it must never be able to
 # remove message framing or the forwarding headers (GHSA-62c8-mh53-4cqv in Traefik).
 PROTECTED_FROM_CONNECTION = FORWARDING | {b"host", b"content-length", b"transfer-encoding"}

@@ -7,7 +7,11 @@ The outermost layer of the edge. It
   untrusted peer are ignored, so a client can never choose its own address;
 - drops hop-by-hop request headers, including those named in `Connection` (but never the
   forwarding headers or message framing), and the client's forwarding headers, which the
-  proxy core re-issues from the resolved values.
+  proxy core re-issues from the resolved values;
+- drops, from every peer, the non-standard client-address and URL-override headers
+  (`X-Real-IP`, `X-Original-URL`...) and every header whose name has an underscore: CGI
+  and WSGI servers read `X_Forwarded_For` as `X-Forwarded-For` (nginx and gunicorn drop
+  these by default too).
 
 Later layers read the resolved client from `scope["client"]` and the whole hop chain from
 `scope[FORWARDED_SCOPE_KEY]`.
@@ -22,12 +26,14 @@ from functools import lru_cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge.proxy.headers import FORWARDING, REQUEST_HOP_BY_HOP, Headers, removable_fields
+from edge.proxy.headers import CLIENT_CLAIMS, FORWARDING, REQUEST_HOP_BY_HOP, Headers, removable_fields
 from edge.settings import IPNetwork
 
 FORWARDED_SCOPE_KEY = "edge.forwarded"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+NEVER_FORWARDED = REQUEST_HOP_BY_HOP | CLIENT_CLAIMS
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +123,7 @@ class IngressMiddleware:
             return
 
         headers: Headers = scope["headers"]
-        removable = removable_fields(headers, REQUEST_HOP_BY_HOP)
+        removable = removable_fields(headers, NEVER_FORWARDED)
         kept: Headers = []
         forwarded_for: list[bytes] = []
         forwarded_proto = forwarded_host = host = None
@@ -129,7 +135,7 @@ class IngressMiddleware:
                     forwarded_proto = value
                 elif name == b"x-forwarded-host":
                     forwarded_host = value
-            elif name not in removable:
+            elif name not in removable and b"_" not in name:
                 if name == b"host":
                     host = value
                 kept.append((name, value))
