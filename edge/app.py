@@ -48,8 +48,12 @@ from edge.settings import EdgeSettings, load_settings
 EDGE_PATH = "/_edge"
 
 
+# What `OPTIONS *` (a question about the server, not a resource) is told the edge forwards.
+SERVER_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+
 class EdgeApp:
-    """Answers `/_edge/...` itself and sends everything else to the proxy core."""
+    """Answers `/_edge/...` and `OPTIONS *` itself and sends everything else to the proxy core."""
 
     def __init__(self, own_endpoints: ASGIApp, proxy: ASGIApp) -> None:
         self.own_endpoints = own_endpoints
@@ -59,6 +63,9 @@ class EdgeApp:
         # The decoded path is matched, so no encoding of `/_edge/` reaches the upstream.
         if scope["type"] == "lifespan" or scope["path"] == EDGE_PATH or scope["path"].startswith("/_edge/"):
             await self.own_endpoints(scope, receive, send)
+        elif scope["path"] == "*":  # the server rules admit only `OPTIONS *`
+            await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", SERVER_METHODS)]})
+            await send({"type": "http.response.body", "body": b""})
         else:
             await self.proxy(scope, receive, send)
 
