@@ -37,7 +37,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httptools
 from starlette.types import ASGIApp, Message
@@ -98,7 +98,8 @@ class EdgeHttpProtocol(asyncio.Protocol):
         self._counted = False
 
         # The head being parsed.
-        self._in_head = True
+        self._in_head = True  # between messages, or in a head: not in a body
+        self._head_started = False
         self._head_bytes = 0
         self._target = b""
         self._fields: Headers = []
@@ -117,6 +118,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
         self._writable.set()
         self._lingering = False
         self._shutting_down = False
+        self._done_reading = False  # no further request will be read on this connection
         self._refusal_after_response: errors.EdgeError | None = None
 
         self._head_timer: asyncio.TimerHandle | None = None
@@ -124,6 +126,11 @@ class EdgeHttpProtocol(asyncio.Protocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._body_deadline = 0.0
         self._write_timer: asyncio.TimerHandle | None = None
+        self._unsent_at_pause = 0
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -178,7 +185,8 @@ class EdgeHttpProtocol(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._write_paused = True
         self._writable.clear()
-        self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_timed_out)
+        self._unsent_at_pause = self.transport.get_write_buffer_size()
+        self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_check)
 
     def resume_writing(self) -> None:
         self._write_paused = False
@@ -191,6 +199,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._in_head = True
+        self._head_started = True
         self._target = b""
         self._fields = []
         if self._idle_timer is not None:
@@ -209,6 +218,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_started = False
         self._head_bytes = 0
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -219,6 +229,10 @@ class EdgeHttpProtocol(asyncio.Protocol):
             self._refusal = refused.error
             raise
         if self.parser.should_upgrade():
+            if self.cycle is not None:
+                # Pipelined behind a request still being answered: nothing to hand over to.
+                self._refusal = errors.BAD_REQUEST
+                raise HeadRefused(errors.BAD_REQUEST)
             # llhttp skips the body of an upgrade request and hands back what follows.
             self._upgrade = head
             self._websocket = head.upgrade == b"websocket" and head.method == "GET" and head.framing == "none"
@@ -301,7 +315,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
             self._close(linger=cycle.more_body)
         elif self._queue:
             self._start(self._queue.popleft())
-        elif not self._in_head or self._head_bytes:
+        elif self._head_started:
             # Part of the next head has arrived: it is due from the end of this response.
             self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
         else:
@@ -368,10 +382,10 @@ class EdgeHttpProtocol(asyncio.Protocol):
     def _update_reading(self) -> None:
         """Reads the socket only while the edge wants more: no pipelined request waiting, no
         more body buffered than the application has taken."""
+        if self._done_reading or self._lingering or self.transport.is_closing():
+            return
         reading = self._reading
         pause = bool(self._queue) or (reading is not None and len(reading.body) > BODY_HIGH_WATER)
-        if self._lingering or self.transport.is_closing():
-            return
         if pause and not self._read_paused:
             self._read_paused = True
             self.transport.pause_reading()
@@ -408,24 +422,38 @@ class EdgeHttpProtocol(asyncio.Protocol):
         if cycle is None or not cycle.more_body:
             return
         logger.info("request body too slow", extra={"client": self.client[0] if self.client else None})
-        self._reading = None
-        self.transport.pause_reading()
-        self._read_paused = True
+        self._stop_reading()
         cycle.body_timed_out()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.cycle is not None:
             return
-        if self._in_head and self._head_bytes == 0 and not self._fields and not self._target:
-            self._close()  # nothing was said: nothing to answer
-        else:
+        if self._head_started:
             self._refuse(errors.REQUEST_TIMEOUT)
+        else:
+            self._close()  # nothing was said: nothing to answer
 
-    def _write_timed_out(self) -> None:
+    def _write_check(self) -> None:
+        """Cuts a client that took no response data for the write timeout."""
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent_at_pause:
+            self._unsent_at_pause = unsent  # it is reading, slowly: a new period starts
+            self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_check)
+            return
         self._write_timer = None
         logger.info("client stopped reading the response", extra={"client": self.client[0] if self.client else None})
         self.transport.abort()
+
+    def _stop_reading(self) -> None:
+        """No further request is read on this connection."""
+        self._done_reading = True
+        self._reading = None
+        self._queue.clear()
+        self._stop_body_clock()
+        if not self._read_paused:
+            self._read_paused = True
+            self.transport.pause_reading()
 
     # -- refusals and closing ---------------------------------------------------------------------
 
@@ -436,9 +464,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
             if cycle is not self._reading:
                 # A request pipelined behind the one being answered: refused after it.
                 self._refusal_after_response = error
-                self._queue.clear()
-                self.transport.pause_reading()
-                self._read_paused = True
+                self._stop_reading()
                 return
             # Its own body is broken: to the application the client is gone.
             cycle.lost()
@@ -482,7 +508,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
             # unread data would reset the connection, and the client could lose the answer.
             self._lingering = True
             self.transport.write_eof()
-            if self._read_paused:
+            if self._read_paused and not self.transport.is_closing():
                 self._read_paused = False
                 self.transport.resume_reading()
             self.loop.call_later(LINGER_S, self.transport.close)
@@ -527,8 +553,7 @@ class RequestCycle:
         self._timed_out = False
         self._body_delivered = False
         self._event = asyncio.Event()
-        self._chunked = False
-        self._close_delimited = False
+        self._framing: Literal["none", "length", "chunked", "close"] = "none"
         self._remaining = 0
 
     async def run(self, app: ASGIApp) -> None:
@@ -537,8 +562,9 @@ class RequestCycle:
         except ClientGone:
             pass
         except asyncio.CancelledError:
-            # The drain timeout ran out, or the connection went while the request waited.
-            self.transport.abort()
+            # The drain timeout ran out: what was not answered whole is cut.
+            if not self.response_complete:
+                self.transport.abort()
             raise
         except BaseException:
             if not self.disconnected:
@@ -603,7 +629,7 @@ class RequestCycle:
     # -- send ----------------------------------------------------------------------------------------
 
     async def send(self, message: Message) -> None:
-        if self.protocol._write_paused and not self.disconnected:
+        if self.protocol.write_paused and not self.disconnected:
             await self.protocol.drain()
         if self.disconnected:
             raise ClientGone("the client's connection is gone")
@@ -622,12 +648,10 @@ class RequestCycle:
     def _write_head(self, status: int, headers: Headers) -> None:
         if status not in STATUS_LINES or status < 200:
             raise RuntimeError(f"cannot send status {status}")
-        self.response_started = True
-        self._continue_owed = False
         self.protocol.response_started(self)
         content = [STATUS_LINES[status]]
         length: int | None = None
-        chunked = close = False
+        chunked = False
         for name, value in [*self.protocol.server_state.default_headers, *headers]:
             if HEADER_NAME.fullmatch(name) is None or INVALID_VALUE.search(value):
                 raise RuntimeError("invalid response header")
@@ -637,46 +661,48 @@ class RequestCycle:
                     raise RuntimeError("two Content-Length fields in a response")
                 length = int(value)
             elif name == b"transfer-encoding":
-                chunked = value.strip().lower() == b"chunked"
-                if not chunked:
+                if value.strip().lower() != b"chunked":
                     raise RuntimeError("unsupported Transfer-Encoding in a response")
+                chunked = True
+                continue  # written below, when the framing is chunked
             elif name == b"connection":
-                close = b"close" in (token.strip().lower() for token in value.split(b","))
-                if close:
+                if b"close" in (token.strip().lower() for token in value.split(b",")):
                     self.keep_alive = False
                 continue  # written once below
             content += (name, b": ", value, b"\r\n")
         if chunked and length is not None:
             raise RuntimeError("Content-Length and Transfer-Encoding in one response")
-        bodiless = self.head.method == "HEAD" or status in (204, 304)
-        if length is not None:
-            self._remaining = 0 if bodiless else length
-        elif chunked or not bodiless:
-            if self.head.http_version == "1.1":
-                self._chunked = True
-                if not chunked:
-                    content.append(b"transfer-encoding: chunked\r\n")
-            else:
-                self._close_delimited = True  # HTTP/1.0 knows no chunking: the close ends it
-                self.keep_alive = False
+        if self.head.method == "HEAD" or status in (204, 304):
+            self._framing = "none"  # whatever the headers say, no body follows
+        elif length is not None:
+            self._framing = "length"
+            self._remaining = length
+        elif self.head.http_version == "1.1":
+            self._framing = "chunked"
+            content.append(b"transfer-encoding: chunked\r\n")
+        else:
+            self._framing = "close"  # HTTP/1.0 knows no chunking: the close ends the body
+            self.keep_alive = False
         if not self.keep_alive:
             content.append(b"connection: close\r\n")
         content.append(b"\r\n")
+        self.response_started = True
+        self._continue_owed = False
         self.transport.write(b"".join(content))
 
     def _write_body(self, body: bytes, *, more_body: bool) -> None:
-        if self.head.method == "HEAD":
-            body = b""
-        if self._chunked:
+        framing = self._framing
+        if framing == "chunked":
             if body:
                 self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
             if not more_body:
                 self.transport.write(b"0\r\n\r\n")
-        elif body:
-            if not self._close_delimited:
-                if len(body) > self._remaining:
-                    raise RuntimeError("response body longer than its Content-Length")
-                self._remaining -= len(body)
+        elif framing == "length":
+            if len(body) > self._remaining:
+                raise RuntimeError("response body longer than its Content-Length")
+            self._remaining -= len(body)
+            self.transport.write(body)
+        elif framing == "close":
             self.transport.write(body)
         if not more_body:
             if self._remaining:
