@@ -190,12 +190,26 @@ def check_rate_limit_key(parts: list[str]) -> list[str]:
         if kind in ("client", "route") and not name:
             normalised.append(kind)
         elif kind == "header" and name.strip():
-            normalised.append(f"header:{name.strip().lower()}")
+            header = name.strip().lower()
+            if _dropped_at_ingress(header):
+                raise ValueError(
+                    f"{part!r}: the edge removes that header before limiting (forwarding, hop-by-hop, "
+                    "client-address headers and names with underscores), so every client would share one bucket"
+                )
+            normalised.append(f"header:{header}")
         else:
             raise ValueError(f"{part!r} is not a key part: client, route or header:<name>")
     if not normalised:
         raise ValueError("needs at least one part")
     return normalised
+
+
+def _dropped_at_ingress(header: str) -> bool:
+    # Imported here: the proxy package imports this module's settings at import time.
+    from edge.proxy.headers import CLIENT_CLAIMS, FORWARDING, REQUEST_HOP_BY_HOP
+
+    name = header.encode("latin-1")
+    return "_" in header or name in CLIENT_CLAIMS | FORWARDING | REQUEST_HOP_BY_HOP
 
 
 def check_cors_origins(origins: list[str], credentials: bool, environment: Environment) -> None:

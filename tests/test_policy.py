@@ -169,6 +169,12 @@ INVALID = [
     ),
     pytest.param(
         "policy.toml",
+        '[[routes]]\npath = "/api"\nrate_limit_key = ["header:X-Real-IP"]\n',
+        ["routes.0.rate_limit_key", "removes that header"],
+        id="key-on-a-header-the-edge-drops",
+    ),
+    pytest.param(
+        "policy.toml",
         '[[routes]]\nname = "has spaces"\npath = "/api"\n',
         ["routes.0.name"],
         id="bad-name",

@@ -135,6 +135,15 @@ def start_edge_with(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         ("ENVIRONMENT", "prod"),
         ("EDGE_WORKERS", "0"),
         ("EDGE_LOG_LEVEL", "loud"),
+        # The edge drops these before limiting: every client would share one bucket.
+        ("EDGE_RATE_LIMIT_KEY", "header:X-Real-IP"),
+        ("EDGE_RATE_LIMIT_KEY", "client,header:x_api_key"),
+        ("EDGE_RATE_LIMIT_KEY", "header:x-forwarded-for"),
+        ("EDGE_CLIENT_HEADER_TIMEOUT", "0"),
+        ("EDGE_CLIENT_BODY_MIN_RATE", "-1"),
+        ("EDGE_MAX_CONNECTIONS_PER_CLIENT", "0"),
+        ("EDGE_MAX_EXCHANGES_PER_CLIENT", "0"),
+        ("EDGE_REQUEST_BUFFER_BYTES", "-1"),
     ],
 )
 def test_invalid_value_is_refused_naming_the_variable(variable: str, value: str) -> None:
