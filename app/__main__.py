@@ -1,7 +1,13 @@
-"""`python -m app`: validate the configuration, then serve the internal app."""
+"""`python -m app`: validate the configuration, then serve the internal app.
+
+Everything the process creates is owner-only (umask 077; see `app.storage.data_dir`), and
+every log line - Python warnings included - passes through the capability-id redaction
+of `app.observability`.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -9,13 +15,18 @@ from types import FrameType
 
 import uvicorn
 
+from app.observability import RedactCapabilities
 from app.outbound import OutboundSettings
 from app.settings import load_settings
+from app.storage.data_dir import restrict_umask
 from common.logs import log_config
 from common.settings import ConfigurationError, load
 
 
 def main() -> int:
+    restrict_umask()  # before anything is created
+    # qdrant-client warns with collection names, which hold session ids: into the log, redacted.
+    logging.captureWarnings(True)
     try:
         settings = load_settings()
         outbound_settings = load(OutboundSettings)
@@ -41,7 +52,7 @@ def main() -> int:
         proxy_headers=False,  # the edge resolves clients; the app does not need them
         server_header=False,
         access_log=False,
-        log_config=log_config(settings.log_level.value),
+        log_config=log_config(settings.log_level.value, {"redact_capabilities": RedactCapabilities}),
         # Longer than a turn may take, so a turn under way when SIGTERM comes finishes
         # and its memory write is not lost.
         timeout_graceful_shutdown=settings.drain_timeout,

@@ -101,13 +101,14 @@ class Companion:
         return values
 
     async def delete_session(self, session_id: str) -> None:
-        """Removes everything the session left: its state, its memories and its audio."""
+        """Removes everything the session left: its state, its memories and its audio, with
+        no copy of its words left in the SQLite files (`Checkpoints.delete`)."""
         conversation = await self.session(session_id)
         await self.services.memory.forget_session(session_id)  # MemoryUnavailable: keep all, retry later
         self.services.audio.delete(
             [message["audio_id"] for message in conversation["messages"] if "audio_id" in message]
         )
-        await self.checkpoints.saver.adelete_thread(session_id)
+        await self.checkpoints.delete(session_id)
 
     # -- turns -------------------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """The internal app: FastAPI around the turn workflow, wired to its stores and providers.
 
-Start-up opens, in order: the outbound transport and the provider clients on it, the
-memory store (a failure here only degrades turns), the reply-audio directory, the
-conversation checkpointer and the turn graph; then the hourly retention sweep. Shutdown
-closes them in reverse, after uvicorn has let in-flight turns finish.
+Start-up opens, in order: the data directory (made owner-only, `app.storage.data_dir`),
+the outbound transport and the provider clients on it, the memory store (a failure here
+only degrades turns), the reply-audio directory, the conversation checkpointer and the
+turn graph; then the hourly retention sweep. Shutdown closes them in reverse, after
+uvicorn has let in-flight turns finish. Only the spelling of a path that the API lists is
+answered: the other (with or without a trailing slash) is a 404, never a redirect.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from app.outbound import Outbound, OutboundSettings
 from app.providers.elevenlabs import ElevenLabs
 from app.providers.groq import Groq
 from app.settings import AppSettings
+from app.storage import data_dir
 from app.storage.audio import AudioStore
 from app.storage.conversations import open_checkpoints
 from app.workflow.graph import build_graph
@@ -44,6 +47,7 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        data_dir.secure(settings.data_dir)
         outbound = Outbound(outbound_settings, tracer=telemetry.tracer, meter=telemetry.meter)
         groq = Groq(outbound.client("groq", settings.groq_base_url, headers=_bearer(settings)))
         elevenlabs = ElevenLabs(outbound.client("elevenlabs", settings.elevenlabs_base_url, headers=_xi_key(settings)))
@@ -90,9 +94,22 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
         docs_url="/api/v1/docs" if docs else None,
         openapi_url="/api/v1/openapi.json" if docs else None,
         redoc_url=None,
+        # Starlette's redirect to the path with(out) its trailing slash writes an absolute
+        # Location from the client's Host header; one spelling per path, the other a 404.
+        redirect_slashes=False,
+        # FastAPI's own telemetry (on with a global provider, or FASTAPI_OTEL_AUTO_CONFIGURE)
+        # would put the raw path, ids and all, on a span of its own and export exception
+        # messages unredacted; the app's server span is `app.observability`'s.
+        telemetry={
+            "tracing": False,
+            "metrics": False,
+            "logs": False,
+            "operation_spans": False,
+            "auto_configure": False,
+        },
     )
     install_error_handlers(app)
-    app.include_router(router, prefix="/api/v1")
+    app.include_router(router)
     app.add_middleware(RequestContextMiddleware, tracer=telemetry.tracer)
     return app
 

@@ -1,15 +1,29 @@
-"""Request context for the app: the request id and a server span, for every log line.
+"""Request context for the app: the request id and a server span, for every log line; and
+the redaction that keeps capability ids out of every log line and span.
 
 The app sits on a private network behind the edge, so it trusts what the edge sends: the
 `X-Request-ID` (re-validated anyway, as the app may be reached directly in development)
 and the W3C `traceparent`, which makes the app's spans part of the edge's trace. Every
 response echoes the request id. An unexpected failure is logged in full and answered 500
 in the envelope, with the request id and nothing else about it.
+
+Session ids and audio ids are capabilities: whoever holds one owns the conversation or
+the reply. The request path holds them, so it never goes on a span: the server span is
+named and attributed by the matched route template (`http.route`, e.g.
+`/api/v1/sessions/{session_id}`) once routing has found one. Messages and tracebacks of
+every log line, and recorded exceptions on spans, pass through `redact`, which replaces
+any run of 32 or more URL-safe characters - a session id is 32 of them, an audio id 32
+hex digits, an embedded memory collection `memories-<session id>` - with `[redacted]`:
+libraries log ids the app never chose to (aiosqlite's debug lines carry the statement's
+parameters, qdrant-client's warnings name collections). The structured fields the app
+itself adds (`extra=`) are left alone; none holds an id.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import traceback
 
 from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -23,6 +37,37 @@ from common.logs import request_id_var
 logger = logging.getLogger("app.api")
 
 propagator = TraceContextTextMapPropagator()
+
+# What a capability id can hide in: any long run of the URL-safe alphabet. Shorter runs
+# are never ids; the odd long identifier in a traceback is redacted along with them.
+CAPABILITY_LIKE = re.compile(r"[A-Za-z0-9_-]{32,}")
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    return CAPABILITY_LIKE.sub(REDACTED, text)
+
+
+class RedactCapabilities(logging.Filter):
+    """A handler filter: the record's message and traceback, redacted, before formatting.
+
+    The traceback is rendered here and handed on as the `exception` field (the JSON
+    formatter writes fields it does not know as they are), since the formatter would
+    otherwise render it again from `exc_info`, unredacted."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit the format: the bare format
+            message = str(record.msg)
+        record.msg = redact(message)
+        record.args = None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exception = redact("".join(traceback.format_exception(*record.exc_info)).rstrip())
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
 
 
 class RequestContextMiddleware:
@@ -45,11 +90,12 @@ class RequestContextMiddleware:
         if request_id is None or not ACCEPTABLE_REQUEST_ID.fullmatch(request_id):
             request_id = uuid7().encode("ascii")
 
+        method = scope["method"]
         span = self.tracer.start_span(
-            scope["method"],  # the path holds session ids: too many distinct names
+            method,  # renamed after the route below; never the path, which holds ids
             context=propagator.extract(carrier),
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": scope["method"], "url.path": scope["path"]},
+            attributes={"http.request.method": method},
         )
 
         async def send_with_request_id(message: Message) -> None:
@@ -74,7 +120,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_tracking)
         except Exception as exc:
-            span.record_exception(exc)
+            record_exception(span, exc)
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
             logger.exception("unhandled error")
             if response_started:
@@ -91,6 +137,23 @@ class RequestContextMiddleware:
             )
             await send_tracking({"type": "http.response.body", "body": body})
         finally:
+            # The router leaves the route it matched in the scope (FastAPI's APIRoute does).
+            route = getattr(scope.get("route"), "path", None)
+            if isinstance(route, str):
+                span.set_attribute("http.route", route)
+                span.update_name(f"{method} {route}")
             span.end()
             context.detach(span_token)
             request_id_var.reset(request_token)
+
+
+def record_exception(span: trace.Span, exc: BaseException) -> None:
+    """`Span.record_exception`, with the message and stack trace redacted."""
+    span.add_event(
+        "exception",
+        {
+            "exception.type": type(exc).__qualname__,
+            "exception.message": redact(str(exc)),
+            "exception.stacktrace": redact("".join(traceback.format_exception(exc)).rstrip()),
+        },
+    )

@@ -1,7 +1,8 @@
 """Properties of the app's API, from its own OpenAPI document: schemathesis generates
 requests for every operation - valid and invalid bodies, path parameters, content types -
 and every response must match the document, never be a server error, and, when it is a
-client error, be the project's envelope with the request id.
+client error, be the project's envelope with the request id. Readiness must name the
+outside services and show none of their addresses.
 
 The app runs in a thread (`create_app` under uvicorn) with its OpenAPI document enabled,
 in front of two healthy provider simulators; requests go over real HTTP. Half of the
@@ -110,6 +111,16 @@ def errors_are_enveloped(ctx: CheckContext, response: Response, case: Case[Any])
     return True
 
 
+def assert_readiness_names_no_address(response: Response, sims: Simulators) -> None:
+    """The public readiness body names the outside services and says nothing of where they
+    are: no address, port or URL of a simulator anywhere in it."""
+    body = response.json()
+    assert set(body["breakers"]) == {"groq", "elevenlabs"}, body
+    for sim in (sims.groq, sims.elevenlabs):
+        for leak in (sim.url, "127.0.0.1", str(sim.port)):
+            assert leak not in response.text, (leak, response.text)
+
+
 @schema.parametrize()
 @settings(
     max_examples=200,
@@ -118,7 +129,9 @@ def errors_are_enveloped(ctx: CheckContext, response: Response, case: Case[Any])
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-def test_every_operation_honours_its_document(case: Case[Any], existing: Existing, docs_app: AppThread) -> None:
+def test_every_operation_honours_its_document(
+    case: Case[Any], existing: Existing, docs_app: AppThread, sims: Simulators
+) -> None:
     parameters = case.path_parameters or {}
     if swap_half(parameters.get("session_id")):
         if case.method.upper() == "DELETE":  # a session of its own, so that the others keep theirs
@@ -130,6 +143,8 @@ def test_every_operation_honours_its_document(case: Case[Any], existing: Existin
         parameters["audio_id"] = existing.audio_id
     response = case.call(base_url=docs_app.url, timeout=30)
     assert response.status_code < 500, (response.status_code, response.text)
+    if case.operation.path == f"{API}/ready" and response.status_code in (200, 503):  # not a 405
+        assert_readiness_names_no_address(response, sims)
     # A turn's body is checked beyond what a schema can say: the audio must be audio (any
     # bytes fit `format: binary`), the text not blank and not over APP_MAX_TEXT_CHARS. Those
     # refusals (400, 413, 415, 422) are documented for the operation; "schema-valid data is

@@ -454,8 +454,15 @@ def test_the_language_model_down_keeps_the_users_words(api: ApiClient, sims: Sim
     assert context_of(later["reply"]) == (3, 0)
 
 
+def assert_no_address(body: str, *ports: int) -> None:
+    """Readiness is public: no host, port or URL of anything behind the app in it."""
+    for leak in ("127.0.0.1", "localhost", "http", *(str(port) for port in ports)):
+        assert leak not in body, (leak, body)
+
+
 def test_memory_store_down_degrades_the_turn(sims: Simulators, tmp_path: Path) -> None:
-    settings = app_settings(sims, tmp_path / "data", qdrant_url=f"http://127.0.0.1:{closed_port()}")
+    qdrant_port = closed_port()
+    settings = app_settings(sims, tmp_path / "data", qdrant_url=f"http://127.0.0.1:{qdrant_port}")
     with running_app(settings) as app:
         edge = start_app_edge(app.url)
         try:
@@ -472,6 +479,8 @@ def test_memory_store_down_degrades_the_turn(sims: Simulators, tmp_path: Path) -
                 ready = client.get(f"{API}/ready")
                 assert ready.status_code == 200, ready.text  # the memory store does not fail readiness
                 assert ready.json()["checks"] == {"database": "up", "memory": "down"}
+                assert set(ready.json()["breakers"]) == {"groq", "elevenlabs", "qdrant"}, ready.text
+                assert_no_address(ready.text, qdrant_port, sims.groq.port, sims.elevenlabs.port)
         finally:
             edge.server.stop()
 
@@ -724,9 +733,10 @@ def test_health_and_readiness(api: ApiClient, sims: Simulators, tmp_path: Path) 
         body = ready.json()
         assert body["status"] == "ready"
         assert body["checks"] == {"database": "up", "memory": "up"}
-        authorities = {sims.groq.url.removeprefix("http://"), sims.elevenlabs.url.removeprefix("http://")}
-        assert authorities <= set(body["breakers"]), body
+        # Public: the outside services by name, never where they are.
+        assert set(body["breakers"]) == {"groq", "elevenlabs"}, body
         assert set(body["breakers"].values()) <= {"closed", "open", "half_open"}
+        assert_no_address(ready.text, sims.groq.port, sims.elevenlabs.port)
         assert ready.headers["cache-control"] == "no-store"
 
         # Meanwhile the app without a database never starts serving, and gives up.

@@ -47,6 +47,26 @@ def test_states_name_each_registered_authority_before_any_call() -> None:
     }
 
 
+def test_named_states_name_each_registered_provider_and_no_address() -> None:
+    async def scenario() -> tuple[dict[str, str], dict[str, str]]:
+        out = Outbound(OutboundSettings())
+        out.register("groq", "http://127.0.0.1:9100/openai/v1")
+        out.register("elevenlabs", "http://127.0.0.1:9100")  # one simulator for both: one breaker
+        out.register("qdrant", "http://qdrant:6333")
+        # A host met in a request, not registered: in `states`, but it has no name to show.
+        async with httpx.AsyncClient(transport=out.transport) as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.get(f"http://127.0.0.1:{closed_port()}/")
+        named, by_authority = out.named_states(), out.states()
+        await out.aclose()
+        return named, by_authority
+
+    named, by_authority = asyncio.run(scenario())
+    assert named == {"groq": "closed", "elevenlabs": "closed", "qdrant": "closed"}
+    assert len(by_authority) == 3  # the simulator's, Qdrant's and the unregistered host's
+    assert "127.0.0.1:9100" in by_authority
+
+
 def test_names_pick_their_policies_and_unknown_names_get_the_default() -> None:
     settings = OutboundSettings()
     out = Outbound(settings)

@@ -8,6 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SESSION_EXAMPLE = "k3Jq9v1xQeT0a8ZbW2nLr5sYpD4uGh7c"
 
+# The outside services readiness names (`Outbound.named_states`).
+Dependency = Literal["groq", "elevenlabs", "qdrant"]
+
 
 class SessionCreated(BaseModel):
     model_config = ConfigDict(
@@ -103,16 +106,17 @@ class Readiness(BaseModel):
                 {
                     "status": "ready",
                     "checks": {"database": "up", "memory": "up"},
-                    "breakers": {"api.groq.com:443": "closed", "api.elevenlabs.io:443": "closed"},
+                    "breakers": {"groq": "closed", "elevenlabs": "closed"},
                 }
             ]
         }
     )
 
     status: Literal["ready", "unavailable"]
-    checks: dict[str, Literal["up", "down"]]
-    breakers: dict[str, str] = Field(
-        description="Circuit-breaker state per outside service: closed, open or half_open."
+    checks: dict[Literal["database", "memory"], Literal["up", "down"]]
+    breakers: dict[Dependency, Literal["closed", "open", "half_open"]] = Field(
+        description="Circuit-breaker state per outside service, by name (`qdrant` only with a Qdrant server): "
+        "closed, open or half_open. Never an address: the body is public."
     )
 
 

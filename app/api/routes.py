@@ -26,7 +26,9 @@ from app.memory.store import MemoryUnavailable
 from app.settings import AppSettings
 from app.workflow.state import Conversation
 
-router = APIRouter()
+# The prefix on the router, not on its inclusion: then each route's own path is the whole
+# template, which the server span names (`http.route`) instead of the path with its ids.
+router = APIRouter(prefix="/api/v1")
 
 # Beyond the audio itself, what a multipart body may carry (boundaries, part headers).
 MULTIPART_ALLOWANCE = 64 * 1024
@@ -218,16 +220,16 @@ async def health() -> models.Liveness:
 )
 async def ready(request: Request) -> Response:
     """Readiness: a real query on the conversation database and on the memory store, and
-    the breaker state of each outside service. 503 when the database is down; the memory
-    store and the providers are reported but do not fail readiness - turns degrade
-    without them."""
+    the breaker state of each outside service by name (never its address: the body is
+    public). 503 when the database is down; the memory store and the providers are
+    reported but do not fail readiness - turns degrade without them."""
     companion = companion_of(request)
     database = await companion.checkpoints.check()
     memory = await companion.services.memory.check()
     body = models.Readiness(
         status="ready" if database else "unavailable",
         checks={"database": "up" if database else "down", "memory": "up" if memory else "down"},
-        breakers=request.app.state.outbound.states(),
+        breakers=request.app.state.outbound.named_states(),
     )
     return Response(
         body.model_dump_json(),

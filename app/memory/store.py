@@ -11,7 +11,8 @@ app this replaces had isolation switched off). Where they live depends on the st
   memories); there each session has a collection of its own.
 
 Near-duplicates of a stored fact are skipped. Search ranks by similarity, then favours
-recent facts among the close ones.
+recent facts among the close ones. Forgetting a session in the embedded store deletes its
+collection's files, and nothing of it stays on disk once `forget_session` returns.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 
 from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.local.async_qdrant_local import AsyncQdrantLocal
 
 from app.memory.embedding import Embedder
 
@@ -100,6 +102,7 @@ class MemoryStore:
         collection, owned = self._where(session_id)
         try:
             if owned is None:
+                self._close_embedded(collection)
                 await self.client.delete_collection(collection)
                 self._known_collections.discard(collection)
             else:
@@ -131,6 +134,19 @@ class MemoryStore:
             owner = models.FieldCondition(key="session_id", match=models.MatchValue(value=session_id))
             return SHARED_COLLECTION, models.Filter(must=[owner])
         return f"memories-{session_id}", None  # session ids are URL-safe: valid collection names
+
+    def _close_embedded(self, collection: str) -> None:
+        """Closes an embedded collection's SQLite file before it is deleted. qdrant-client
+        unlinks the file without closing it, and a reference cycle keeps it open until a
+        garbage collection: until then the file, memories and all, stays on disk (and a
+        descriptor is held per deleted session). There is no public way to close it: this
+        reaches into qdrant-client 1.20.0 (`_client`, `collections`), and
+        tests/test_app_privacy.py fails if an upgrade moves them."""
+        local = self.client._client
+        if isinstance(local, AsyncQdrantLocal):
+            opened = local.collections.get(collection)
+            if opened is not None:
+                opened.close()
 
     async def _exists(self, collection: str) -> bool:
         if collection in self._known_collections:

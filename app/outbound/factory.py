@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 from opentelemetry import metrics, trace
 
+from app.outbound.host import Host
 from app.outbound.policy import OutboundSettings
 from app.outbound.telemetry import INSTRUMENTATION_NAME
 from app.outbound.transport import ResilientTransport
@@ -35,11 +36,12 @@ class Outbound:
             tracer or trace.get_tracer(INSTRUMENTATION_NAME),
             meter or metrics.get_meter(INSTRUMENTATION_NAME),
         )
+        self._named: dict[str, Host] = {}
 
     def register(self, name: str, base_url: str) -> None:
         """Binds the policy called `name` (`default` for names without one) to the authority
         of `base_url`."""
-        self.transport.bind(base_url, name, self.settings.policy_named(name))
+        self._named[name] = self.transport.bind(base_url, name, self.settings.policy_named(name))
 
     def client(self, name: str, base_url: str, *, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
         """An AsyncClient for one provider on the shared transport: no redirects followed, no
@@ -55,8 +57,14 @@ class Outbound:
         return self._client_options()
 
     def states(self) -> dict[str, str]:
-        """Breaker state per authority (`closed`, `open`, `half_open`), for readiness."""
+        """Breaker state per authority (`closed`, `open`, `half_open`): the transport's view,
+        with addresses; what readiness shows is `named_states`."""
         return self.transport.states()
+
+    def named_states(self) -> dict[str, str]:
+        """Breaker state per registered name (`groq`, ...), for public readiness: no
+        address. Names sharing an authority share its breaker, and show the same state."""
+        return {name: host.breaker.state for name, host in self._named.items()}
 
     async def aclose(self) -> None:
         await self.transport.shutdown()

@@ -4,6 +4,12 @@ PostgreSQL when `APP_DATABASE_URL` is set, so several app replicas share session
 One thread per session. After each turn only the latest checkpoint of the thread is kept
 (and its pending writes): the history of checkpoints is never read, and keeping it grew
 the database by a full copy of the conversation per turn.
+
+Deleting a thread leaves none of its words in the SQLite files once `delete` returns: the
+connection runs with `secure_delete` (deleted rows and freed pages are overwritten with
+zeros, not just marked free), and the write-ahead log, which still holds the pages as
+they were before, is checkpointed into the database and truncated to nothing. PostgreSQL
+keeps deleted rows as dead tuples until VACUUM; docs/app.md says what remains where.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ PRUNE_SQLITE_CHECKPOINTS = """
 DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_id <> (
     SELECT max(checkpoint_id) FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ''
 )"""
+# Copies every page in the log into the database, then truncates the log to zero bytes.
+CHECKPOINT_WAL = "PRAGMA wal_checkpoint(TRUNCATE)"
 
 
 @dataclass
@@ -48,6 +56,21 @@ class Checkpoints:
     saver: BaseCheckpointSaver[str]
     sqlite: aiosqlite.Connection | None = None
     postgres: AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
+
+    async def delete(self, thread_id: str) -> None:
+        """Deletes the thread's checkpoints and writes, and with SQLite every copy of them."""
+        await self.saver.adelete_thread(thread_id)
+        if self.sqlite is not None:
+            assert isinstance(self.saver, AsyncSqliteSaver)
+            # Under the saver's lock: a statement of its own still running would keep its
+            # snapshot of the log, and the log could not be truncated.
+            async with self.saver.lock, self.sqlite.execute(CHECKPOINT_WAL) as cursor:
+                row = await cursor.fetchone()
+            if row is None or row[0] != 0:
+                logger.warning(
+                    "the write-ahead log could not be truncated after a deletion: "
+                    "deleted words stay in it until the next deletion truncates it"
+                )
 
     async def keep_latest(self, thread_id: str) -> None:
         if self.postgres is not None:
@@ -77,7 +100,9 @@ class Checkpoints:
                 async with self.postgres.connection() as connection:
                     await connection.execute("SELECT 1 FROM checkpoints LIMIT 1")
             elif self.sqlite is not None:
-                await self.sqlite.execute("SELECT 1 FROM checkpoints LIMIT 1")
+                # Read to the end, so that no statement is left open holding a snapshot.
+                async with self.sqlite.execute("SELECT 1 FROM checkpoints LIMIT 1") as cursor:
+                    await cursor.fetchall()
         except Exception:  # any driver error means "not usable now"
             return False
         return True
@@ -113,6 +138,8 @@ async def open_checkpoints(settings: AppSettings) -> AsyncIterator[Checkpoints]:
     else:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         async with AsyncSqliteSaver.from_conn_string(str(settings.data_dir / "conversations.db")) as sqlite_saver:
+            # A connection setting: deleted content is zeroed in place, not left in free space.
+            await sqlite_saver.conn.execute("PRAGMA secure_delete=ON")
             await sqlite_saver.setup()
             yield Checkpoints(sqlite_saver, sqlite=sqlite_saver.conn)
 

@@ -1,0 +1,46 @@
+"""The data directory (`APP_DATA_DIR`) and everything in it are the app's user's alone:
+directories 0700, files 0600.
+
+`python -m app` sets the umask 077 before anything is opened, so that whatever the app
+and its libraries create there - the SQLite database and its -wal and -shm files, reply
+audio, the embedded Qdrant's files - is owner-only from the moment it exists (sqlite and
+qdrant-client take no mode of their own). `secure` makes the directory and puts right
+what an older version left group- or world-readable, at every start.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+OWNER_ONLY_UMASK = 0o077
+DIRECTORY_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def restrict_umask() -> None:
+    os.umask(OWNER_ONLY_UMASK)
+
+
+def secure(directory: Path) -> None:
+    """Creates `directory` if need be; chmods it and everything under it to owner-only.
+    The directory itself may be a link to a volume; links inside it are left as they are,
+    since chmod would follow them out of it."""
+    directory.mkdir(parents=True, exist_ok=True, mode=DIRECTORY_MODE)
+    top = directory.resolve()
+    _restrict(top, DIRECTORY_MODE)
+    for root, directories, files in os.walk(top):
+        for name in directories:
+            _restrict(Path(root, name), DIRECTORY_MODE)
+        for name in files:
+            _restrict(Path(root, name), FILE_MODE)
+
+
+def _restrict(path: Path, mode: int) -> None:
+    try:
+        status = path.lstat()
+    except FileNotFoundError:  # deleted meanwhile, by another replica's sweep on a shared volume
+        return
+    if not stat.S_ISLNK(status.st_mode) and stat.S_IMODE(status.st_mode) != mode:
+        path.chmod(mode)
