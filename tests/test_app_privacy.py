@@ -58,6 +58,7 @@ from tests.app_support import (
     schema_url,
     start_simulators,
 )
+from tests.processes import PROJECT_ROOT, edge_process
 from tests.servers import ServerThread, serve
 from tests.telemetry_support import OtlpCollector
 from tests.wire import WireClient
@@ -66,6 +67,7 @@ from tests.wire import WireClient
 # The simulator echoes it in the reply and stores it, in the third person, as a memory.
 SENTENCE = "My tortoise Quillfeather sleeps under the marmalade lantern"
 MARKERS = (SENTENCE.encode(), b"Quillfeather", b"marmalade lantern")
+SHIPPED_POLICY = PROJECT_ROOT / "config" / "edge-policy.toml"
 
 
 @pytest.fixture(scope="module")
@@ -128,38 +130,45 @@ def telemetry_sink() -> Iterator[tuple[ServerThread, TracesAndMetrics]]:
 def test_no_capability_id_reaches_a_log_line_a_span_or_a_metric(
     sims: Simulators, tmp_path: Path, telemetry_sink: tuple[ServerThread, TracesAndMetrics]
 ) -> None:
+    """The whole stack as `make run` wires it - the edge with the shipped policy in front of
+    `python -m app`, both exporting to one collector, both logging at debug level."""
     server, sink = telemetry_sink
+    edge_port = new_port()
+    otel = {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{server.url}/v1/traces",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{server.url}/v1/metrics",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_METRIC_EXPORT_INTERVAL": "200",
+    }
     env = app_environment(
         sims,
         tmp_path / "data",
         new_port(),
         APP_LOG_LEVEL="debug",  # every level, every logger: aiosqlite's debug lines carry statement parameters
-        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"{server.url}/v1/traces",
-        OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=f"{server.url}/v1/metrics",
-        OTEL_BSP_SCHEDULE_DELAY="100",
-        OTEL_METRIC_EXPORT_INTERVAL="200",
         # What an operator may set to have FastAPI's own telemetry export too.
         FASTAPI_OTEL_AUTO_CONFIGURE="true",
+        **otel,
     )
-    with app_process(tmp_path / "logs", env) as app, ApiClient(app.url) as client:
-        session_id = client.create_session()
-        turn = client.say(session_id, "My dog is called Max")  # a memory too: a collection named after the session
-        audio_url = turn["audio_url"]
-        audio_id = audio_id_of(audio_url)
-        assert client.get(f"{audio_url}").status_code == 200
-        assert client.session(session_id)["messages"]
-        assert client.delete_session(session_id).status_code == 204
-        # What follows a deletion names nothing either, to the client or in the log.
-        for gone in (client.get_session(session_id), client.get(f"{audio_url}"), client.text_turn(session_id, "hi")):
-            assert gone.status_code == 404, gone.text
-            assert error_of(gone)["code"] == "not_found"
-            assert session_id not in gone.text
-            assert audio_id not in gone.text
+    with app_process(tmp_path / "logs", env) as app:
+        edge_env = {
+            "EDGE_PORT": str(edge_port),
+            "EDGE_UPSTREAM_URL": app.url,
+            "EDGE_POLICY_FILE": str(SHIPPED_POLICY),
+            "EDGE_LOG_LEVEL": "debug",
+            **otel,
+        }
+        with edge_process(tmp_path / "logs", edge_port, edge_env) as edge, ApiClient(edge.url) as client:
+            session_id, audio_id = exercise_and_delete_a_session(client)
+            assert edge.stop() == 0, edge.output()
+            edge_output = edge.output()
         assert app.stop() == 0, app.output()  # flushes the spans and metrics still buffered
         output = app.output()
 
     for capability in (session_id, audio_id):
         assert capability not in output, f"{capability} in the app's output"
+        assert capability not in edge_output, f"{capability} in the edge's output"
+    access = [json.loads(line) for line in edge_output.splitlines() if '"edge.access"' in line]
+    assert f"{API}/sessions/{{redacted}}/turns" in {line["path"] for line in access}, edge_output[-3000:]
     lines = [json.loads(line) for line in app.stdout().splitlines() if line.startswith("{")]
     # The log really was at debug level, and a library's line that held an id was redacted.
     assert any(line["logger"] == "aiosqlite" and REDACTED in line["message"] for line in lines), output[-3000:]
@@ -175,13 +184,34 @@ def test_no_capability_id_reaches_a_log_line_a_span_or_a_metric(
         f"{API}/health",
     } <= routes, routes
     assert f"DELETE {API}/sessions/{{session_id}}" in {span.span.name for span in server_spans}
-    assert not [span for span in spans if "url.path" in span.attributes]
+    app_spans = [span for span in spans if span.resource.get("service.name") != "edge"]
+    assert not [span for span in app_spans if "url.path" in span.attributes]
+    edge_paths = {span.attributes.get("url.path") for span in spans if span.resource.get("service.name") == "edge"}
+    assert f"{API}/audio/{{redacted}}" in edge_paths, edge_paths
     assert sink.metrics, "no metrics exported"
     assert "outbound.calls" in str(sink.metrics)
     for export in [*sink.exports, *sink.metrics]:
         text = str(export)  # every span, event, attribute, metric and label of the export
         assert session_id not in text, text[:2000]
         assert audio_id not in text, text[:2000]
+
+
+def exercise_and_delete_a_session(client: ApiClient) -> tuple[str, str]:
+    """Every route that carries an id, then the deletion and what follows it; the ids."""
+    session_id = client.create_session()
+    turn = client.say(session_id, "My dog is called Max")  # a memory too: a collection named after the session
+    audio_url = turn["audio_url"]
+    audio_id = audio_id_of(audio_url)
+    assert client.get(f"{audio_url}").status_code == 200
+    assert client.session(session_id)["messages"]
+    assert client.delete_session(session_id).status_code == 204
+    # What follows a deletion names nothing either, to the client or in the log.
+    for gone in (client.get_session(session_id), client.get(f"{audio_url}"), client.text_turn(session_id, "hi")):
+        assert gone.status_code == 404, gone.text
+        assert error_of(gone)["code"] == "not_found"
+        assert session_id not in gone.text
+        assert audio_id not in gone.text
+    return session_id, audio_id
 
 
 def test_the_log_filter_redacts_ids_in_messages_and_tracebacks_only() -> None:
