@@ -66,6 +66,9 @@ STATUS_LINES: dict[int, bytes] = {
     status.value: b"HTTP/1.1 %d %s\r\n" % (status.value, status.phrase.encode()) for status in HTTPStatus
 }
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# llhttp's reasons (httptools 0.9.0) for versions it cannot parse, the HTTP/2 preface among
+# them: answered 505 like the versions it parses and the rules refuse.
+VERSION_ERRORS = frozenset({"Invalid HTTP version", "Pause on PRI/Upgrade"})
 DISCONNECT: Message = {"type": "http.disconnect"}
 
 
@@ -178,6 +181,8 @@ class EdgeHttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             if self._refusal is None and isinstance(exc, httptools.HttpParserCallbackError):
                 logger.error("request parsing failed", exc_info=exc.__context__)
+            elif self._refusal is None and str(exc) in VERSION_ERRORS:
+                self._refusal = errors.HTTP_VERSION_NOT_SUPPORTED
             self._refuse(self._refusal or errors.BAD_REQUEST)
         else:
             self._update_reading()
@@ -213,7 +218,9 @@ class EdgeHttpProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:
-            self._fields.append((name, value))
+            # Whitespace around a value is not part of it (RFC 9112 section 5); llhttp
+            # skips it in front only.
+            self._fields.append((name, value.rstrip(b" \t")))
         # else: a chunked trailer field, dropped - it must never pose as a header.
 
     def on_headers_complete(self) -> None:
@@ -309,12 +316,12 @@ class EdgeHttpProtocol(asyncio.Protocol):
         self.cycle = None
         if self.transport.is_closing():
             return
-        if self._refusal_after_response is not None:
-            self._refuse(self._refusal_after_response)
-        elif not cycle.keep_alive:
+        if not cycle.keep_alive:
             self._close(linger=cycle.more_body)
         elif self._queue:
             self._start(self._queue.popleft())
+        elif self._refusal_after_response is not None:
+            self._refuse(self._refusal_after_response)
         elif self._head_started:
             # Part of the next head has arrived: it is due from the end of this response.
             self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
@@ -445,11 +452,12 @@ class EdgeHttpProtocol(asyncio.Protocol):
         logger.info("client stopped reading the response", extra={"client": self.client[0] if self.client else None})
         self.transport.abort()
 
-    def _stop_reading(self) -> None:
-        """No further request is read on this connection."""
+    def _stop_reading(self, *, keep_queue: bool = False) -> None:
+        """No further request is read on this connection; those read are answered if kept."""
         self._done_reading = True
         self._reading = None
-        self._queue.clear()
+        if not keep_queue:
+            self._queue.clear()
         self._stop_body_clock()
         if not self._read_paused:
             self._read_paused = True
@@ -462,9 +470,12 @@ class EdgeHttpProtocol(asyncio.Protocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             if cycle is not self._reading:
-                # A request pipelined behind the one being answered: refused after it.
+                # Bytes behind the requests already read: refused once they are answered,
+                # all but a pipelined one whose own body is what is broken.
+                if self._reading is not None and self._reading in self._queue:
+                    self._queue.remove(self._reading)
                 self._refusal_after_response = error
-                self._stop_reading()
+                self._stop_reading(keep_queue=True)
                 return
             # Its own body is broken: to the application the client is gone.
             cycle.lost()

@@ -107,7 +107,9 @@ def read_head(method: bytes, http_version: str, target: bytes, fields: Headers) 
         elif name == b"content-length":
             lengths.append(value)
         elif name == b"transfer-encoding":
-            codings += [coding.strip().lower() for coding in value.split(b",") if coding.strip()]
+            # Empty list elements are refused, not skipped: `, chunked` is how a coding
+            # is hidden from a component in front that reads the field another way.
+            codings += [coding.strip().lower() for coding in value.split(b",")]
         elif name == b"connection":
             connection += [token.strip().lower() for token in value.split(b",")]
         elif name == b"upgrade":
@@ -123,7 +125,13 @@ def read_head(method: bytes, http_version: str, target: bytes, fields: Headers) 
     framing: BodyFraming = "none"
     content_length = 0
     if codings:
-        if http_version == "1.0" or lengths or codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+        if (
+            http_version == "1.0"
+            or lengths
+            or codings[-1] != b"chunked"
+            or codings.count(b"chunked") > 1
+            or b"" in codings
+        ):
             raise HeadRefused(errors.BAD_FRAMING)
         if len(codings) > 1:
             raise HeadRefused(errors.TRANSFER_CODING_NOT_IMPLEMENTED)
