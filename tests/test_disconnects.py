@@ -94,6 +94,26 @@ def test_client_gone_while_waiting_ends_the_upstream_exchange_at_once(
     assert_nothing_leaked(small_edge, server)
 
 
+def test_client_gone_while_waiting_on_a_reused_connection_is_never_sent_again(
+    upstream_server: tuple[ServerThread, UpstreamApp],
+) -> None:
+    # The edge's own close of the upstream exchange once used to pass for a stale keep-alive
+    # connection, and an idempotent request was then sent a second time, to nobody.
+    server, upstream = upstream_server
+    with running_edge(server.url, upstream_pool_size=1) as edge:
+        assert httpx.get(f"{edge.url}/echo", timeout=5).status_code == 200  # one idle pooled connection
+        marker = uuid.uuid4().hex
+        sock = connect(edge.port)
+        sock.sendall(f"GET /slow?delay=2&id={marker} HTTP/1.1\r\nHost: edge\r\n\r\n".encode())
+        assert wait_until(lambda: any(marker.encode() in r.query_string for r in upstream.record.requests), 3.0)
+        time.sleep(0.3)
+        close(sock, reset=False)
+        time.sleep(1.0)
+        sent = [r for r in upstream.record.requests if marker.encode() in r.query_string]
+        assert len(sent) == 1, f"the upstream got the request {len(sent)} times"
+        assert_nothing_leaked(edge, server)
+
+
 @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
 def test_client_gone_mid_request_body_ends_the_upstream_exchange_at_once(
     small_edge: RunningEdge, upstream_server: tuple[ServerThread, UpstreamApp], reset: bool

@@ -273,6 +273,10 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close at once (RST), whatever the state; used on every unclean ending."""
+        if self._exchange_active and not self._complete:
+            # Closed by the edge (the client went, or was too slow): never taken for a stale
+            # keep-alive connection, which would send the request again.
+            self._fail(UpstreamUnavailable("closed by the edge"))
         self.closed = True
         if self.transport is not None:
             self.transport.abort()

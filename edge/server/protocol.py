@@ -442,10 +442,12 @@ class EdgeHttpProtocol(asyncio.Protocol):
             self._close()  # nothing was said: nothing to answer
 
     def _write_check(self) -> None:
-        """Cuts a client that took no response data for the write timeout."""
+        """Cuts a client that took less than the minimum rate's worth of the response data
+        waiting for it in a write timeout (any at all, with no minimum rate)."""
         unsent = self.transport.get_write_buffer_size()
-        if unsent < self._unsent_at_pause:
-            self._unsent_at_pause = unsent  # it is reading, slowly: a new period starts
+        taken = self._unsent_at_pause - unsent
+        if taken > 0 and taken >= self.limits.body_min_rate * self.limits.write_timeout:
+            self._unsent_at_pause = unsent  # it is reading, slowly enough: a new period starts
             self._write_timer = self.loop.call_later(self.limits.write_timeout, self._write_check)
             return
         self._write_timer = None
