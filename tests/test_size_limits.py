@@ -237,6 +237,18 @@ def test_too_many_headers_is_431_and_never_forwarded(limited_edge: RunningEdge, 
     assert recorded(upstream, path) == []
 
 
+def test_the_count_is_of_the_clients_own_fields(limited_edge: RunningEdge, upstream: UpstreamApp) -> None:
+    # Exactly the limit, Host included: the fields the edge adds on the way (X-Request-ID,
+    # traceparent) must not push the request over it.
+    path = unique_path()
+    headers = [(f"X-Filler-{number}", "x") for number in range(HEADER_COUNT_LIMIT - 1)]
+    with RawConnection(limited_edge.port) as connection:
+        connection.send(request_head("GET", path, headers))
+        response = connection.read_response()
+    assert response.status == 200, response.body
+    assert recorded(upstream, path) == [0]
+
+
 def test_too_many_header_bytes_is_431_and_never_forwarded(limited_edge: RunningEdge, upstream: UpstreamApp) -> None:
     path = unique_path()
     with RawConnection(limited_edge.port) as connection:
