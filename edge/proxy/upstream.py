@@ -108,6 +108,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: Headers = []
         self._informational = False
         self._framed = False
+        self._announces_body = False
         self._head_done = False
         self._complete = False
         self._keep_alive = False
@@ -130,7 +131,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._received_any = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # HttpParserUpgrade: a 101 nobody asked for (WebSockets have their own client).
             unexpected = isinstance(exc, httptools.HttpParserCallbackError) and isinstance(exc.__context__, _Unexpected)
             self._fail(UpstreamUnavailable(str(exc.__context__) if unexpected else "malformed response"))
             self.abort()
@@ -174,6 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
         name = name.lower()
         if name == b"content-length" or name == b"transfer-encoding":
             self._framed = True
+            self._announces_body = self._announces_body or name == b"transfer-encoding" or value.strip() != b"0"
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -182,7 +185,7 @@ class UpstreamConnection(asyncio.Protocol):
             # 100 Continue, 103 Early Hints: not forwarded; the final response follows.
             self._informational = True
             self._headers = []
-            self._framed = False
+            self._framed = self._announces_body = False
             return
         codings = [value for name, value in self._headers if name == b"transfer-encoding"]
         if codings and b",".join(codings).strip().lower() != b"chunked":
@@ -191,12 +194,15 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_done = True
         if self._head_request:
             self._complete = True  # no body follows a HEAD response, whatever it declares
-            self._keep_alive = self._parser.should_keep_alive()
+            # The parser cannot be told this answers a HEAD: were a broken upstream to send
+            # the body it announces, it would arrive as the next exchange's response. Only a
+            # HEAD response that announces no body leaves the connection reusable.
+            self._keep_alive = self._parser.should_keep_alive() and not self._announces_body
         self._wake()
 
     def on_body(self, body: bytes) -> None:
         if self._complete:
-            return
+            raise _Unexpected("a body after a HEAD response")
         self._body.append(body)
         self._buffered += len(body)
         self._wake()

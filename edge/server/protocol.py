@@ -345,7 +345,12 @@ class EdgeHttpProtocol(asyncio.Protocol):
         assert head is not None
         self._upgrade = None
         if self._websocket:
-            self._hand_over_to_websocket(head, rest)
+            if rest:
+                # A client must wait for the handshake's answer before it sends anything
+                # (RFC 6455 section 4.1): these bytes are nobody's frames.
+                self._refuse(errors.BAD_REQUEST)
+                return
+            self._hand_over_to_websocket(head)
             return
         # Not an upgrade the edge proxies: the same request without it, body and all.
         self.parser = httptools.HttpRequestParser(self)
@@ -366,7 +371,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    def _hand_over_to_websocket(self, head: RequestHead, rest: bytes) -> None:
+    def _hand_over_to_websocket(self, head: RequestHead) -> None:
         self.server_state.connections.discard(self)
         for timer in (self._head_timer, self._idle_timer):
             if timer is not None:
@@ -381,8 +386,8 @@ class EdgeHttpProtocol(asyncio.Protocol):
         protocol.release_client = self._release_for(release)
         protocol.client_head = self._client_head()
         protocol.connection_made(self.transport)
-        protocol.data_received(b"".join(lines) + rest)
         self.transport.set_protocol(protocol)
+        protocol.data_received(b"".join(lines))
 
     # -- flow control and timers ---------------------------------------------------------------
 
