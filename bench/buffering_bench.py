@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.proxy_bench import (
     BENCH_DIR,
+    LOAD_GENERATOR_CAPS,
     Summary,
     Target,
     WrkResult,
@@ -70,7 +71,6 @@ BUFFERED = "buffered (64 KiB)"
 STREAMING = "streaming (0)"
 BUFFER_BYTES = {BUFFERED: 64 * KIB, STREAMING: 0}
 # Only buffering is measured: one address must be able to open every connection it needs.
-RAISED_CLIENT_CAP = 10_000
 
 # Slow senders: 16 KiB at 2 KiB/s, twice the edge's minimum body rate (1 KiB/s).
 SLOW_BODY_BYTES = 16 * KIB
@@ -135,8 +135,6 @@ class Contender:
                     "EDGE_ACCESS_LOG": "false",
                     "EDGE_RATE_LIMIT_DEFAULT": "off",
                     "EDGE_REQUEST_BUFFER_BYTES": str(self.buffer_bytes),
-                    "EDGE_MAX_EXCHANGES_PER_CLIENT": str(RAISED_CLIENT_CAP),
-                    "EDGE_MAX_CONNECTIONS_PER_CLIENT": str(RAISED_CLIENT_CAP),
                 },
             ),
         )
@@ -751,7 +749,8 @@ def format_report(report: dict[str, Any]) -> str:
     )
     out.append(
         f"{settings['rounds']} interleaved rounds; both edges with EDGE_MAX_EXCHANGES_PER_CLIENT and "
-        f"EDGE_MAX_CONNECTIONS_PER_CLIENT = {RAISED_CLIENT_CAP} (only buffering is measured), "
+        f"EDGE_MAX_CONNECTIONS_PER_CLIENT = {LOAD_GENERATOR_CAPS['EDGE_MAX_EXCHANGES_PER_CLIENT']} "
+        "(only buffering is measured), "
         "EDGE_UPSTREAM_POOL_SIZE 100 (default)"
     )
     out.append("")
@@ -845,8 +844,7 @@ def build_report(
                 "EDGE_RATE_LIMIT_DEFAULT": "off",
                 "EDGE_ACCESS_LOG": "false",
                 "EDGE_LOG_LEVEL": "warning",
-                "EDGE_MAX_EXCHANGES_PER_CLIENT": str(RAISED_CLIENT_CAP),
-                "EDGE_MAX_CONNECTIONS_PER_CLIENT": str(RAISED_CLIENT_CAP),
+                **LOAD_GENERATOR_CAPS,
                 "EDGE_REQUEST_BUFFER_BYTES": {name: str(n) for name, n in BUFFER_BYTES.items()},
             },
         },

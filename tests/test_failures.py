@@ -17,13 +17,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.servers import RawUpstream, RunningEdge, UpstreamApp, closed_port, running_edge, wait_until
+from tests.wire import RawResponse, raw_exchange
 
 # What an edge-made response must never show: where the upstream is, what the edge is built
 # on, or how it failed inside.
@@ -76,66 +76,6 @@ def assert_reveals_nothing(status_line: bytes, headers: list[tuple[bytes, bytes]
 def assert_response_reveals_nothing(response: httpx.Response, port: int) -> None:
     status_line = f"HTTP/1.1 {response.status_code} {response.reason_phrase}".encode()
     assert_reveals_nothing(status_line, list(response.headers.raw), response.content, port)
-
-
-@dataclass
-class RawResponse:
-    """Whatever came back on a raw socket until the edge closed it (or the wait ran out)."""
-
-    data: bytes
-    closed: bool  # the edge ended the connection (FIN or RST)
-    elapsed: float
-
-    @property
-    def head(self) -> bytes:
-        return self.data.partition(b"\r\n\r\n")[0]
-
-    @property
-    def body(self) -> bytes:
-        return self.data.partition(b"\r\n\r\n")[2]
-
-    @property
-    def status_line(self) -> bytes:
-        return self.head.split(b"\r\n", 1)[0]
-
-    @property
-    def status(self) -> int:
-        return int(self.status_line.split(b" ")[1])
-
-    @property
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        fields = []
-        for line in self.head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            fields.append((name.strip().lower(), value.strip()))
-        return fields
-
-    def header(self, name: bytes) -> list[bytes]:
-        return [value for key, value in self.headers if key == name]
-
-
-def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> RawResponse:
-    """Sends `data` in one write and reads until the edge closes the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        started = time.monotonic()
-        sock.sendall(data)
-        received = bytearray()
-        closed = False
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            sock.settimeout(max(0.01, deadline - time.monotonic()))
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                break
-            except ConnectionResetError:
-                closed = True
-                break
-            if not chunk:
-                closed = True
-                break
-            received += chunk
-        return RawResponse(bytes(received), closed, time.monotonic() - started)
 
 
 def assert_raw_envelope(response: RawResponse, status: int, code: str) -> None:

@@ -27,7 +27,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.servers import RecordedRequest, RunningEdge, UpstreamApp
-from tests.test_failures import RawResponse, assert_raw_envelope, raw_exchange
+from tests.test_failures import assert_raw_envelope
+from tests.wire import RawResponse, raw_exchange, read_until_closed
 
 # Time for a request the edge should not have forwarded to reach the upstream anyway. The
 # edge answers a forwarded request only after the upstream recorded it, so a refusal that
@@ -550,18 +551,12 @@ def test_head_that_never_ends_is_431(edge: RunningEdge, upstream: UpstreamApp, r
     limit = edge.settings.max_header_bytes + 512 * 1024
     with socket.create_connection(("127.0.0.1", edge.port), timeout=5.0) as sock:
         sock.sendall(probe.render(b"GET {path} HTTP/1.1\r\nHost: a\r\nX-Request-ID: {id}\r\nX-Endless: "))
+        # A head that never ends: without a bound the edge would keep waiting for its end,
+        # and keep everything sent so far in memory.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(b"a" * (limit + 65536))
-        data = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            data += chunk
-    response = RawResponse(data, closed=True, elapsed=0.0)
+        data, closed = read_until_closed(sock)
+    response = RawResponse(data, closed, elapsed=0.0)
     assert_raw_envelope(response, 431, "headers_too_large")
     assert response.header(b"connection") == [b"close"]
     assert response.header(b"x-request-id") == [probe.request_id.encode()]
@@ -569,6 +564,19 @@ def test_head_that_never_ends_is_431(edge: RunningEdge, upstream: UpstreamApp, r
         assert response.header(name) == [value], name
     time.sleep(SETTLE)
     assert forwarded(upstream, probe) == []
+
+
+def test_large_body_right_behind_a_small_head_is_not_mistaken_for_a_large_head(
+    edge: RunningEdge, upstream: UpstreamApp
+) -> None:
+    # The bound counts whole reads while the head is incomplete, body bytes in them too.
+    body = b"x" * (3 * 1024 * 1024)
+    probe = Probe()
+    head = probe.render(b"POST {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n")
+    response = raw_exchange(edge.port, head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert response.status == 200, response.data[:300]
+    (record,) = forwarded(upstream, probe)
+    assert record.body_length == len(body)
 
 
 def test_refusal_of_a_pipelined_request_comes_after_the_answer_to_the_one_before(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Self
 
@@ -122,3 +123,67 @@ class WireClient:
             self.sock.settimeout(self.timeout)
         self.buffer += data
         return not data
+
+
+@dataclass
+class RawResponse:
+    """Whatever came back on a raw socket until the edge closed it (or the wait ran out)."""
+
+    data: bytes
+    closed: bool  # the edge ended the connection (FIN or RST)
+    elapsed: float
+
+    @property
+    def head(self) -> bytes:
+        return self.data.partition(b"\r\n\r\n")[0]
+
+    @property
+    def body(self) -> bytes:
+        return self.data.partition(b"\r\n\r\n")[2]
+
+    @property
+    def status_line(self) -> bytes:
+        return self.head.split(b"\r\n", 1)[0]
+
+    @property
+    def status(self) -> int:
+        return int(self.status_line.split(b" ")[1])
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        fields = []
+        for line in self.head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            fields.append((name.strip().lower(), value.strip()))
+        return fields
+
+    def header(self, name: bytes) -> list[bytes]:
+        return [value for key, value in self.headers if key == name]
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Everything the peer sends until it closes the connection (FIN or RST) or `timeout`
+    seconds have passed; and whether it closed."""
+    received = bytearray()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return bytes(received), False
+        except ConnectionResetError:
+            return bytes(received), True
+        if not chunk:
+            return bytes(received), True
+        received += chunk
+    return bytes(received), False
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> RawResponse:
+    """Sends `data` in one write and reads until the edge closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        started = time.monotonic()
+        sock.sendall(data)
+        received, closed = read_until_closed(sock, timeout)
+        return RawResponse(received, closed, time.monotonic() - started)

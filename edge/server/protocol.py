@@ -106,6 +106,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
         self._head_bytes = 0
         self._target = b""
         self._fields: Headers = []
+        self._field_bytes = 0
         self._refusal: errors.EdgeError | None = None
         self._upgrade: RequestHead | None = None
         self._websocket = False
@@ -207,6 +208,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
         self._head_started = True
         self._target = b""
         self._fields = []
+        self._field_bytes = 0
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -220,7 +222,9 @@ class EdgeHttpProtocol(asyncio.Protocol):
         if self._in_head:
             # Whitespace around a value is not part of it (RFC 9112 section 5); llhttp
             # skips it in front only.
-            self._fields.append((name, value.rstrip(b" \t")))
+            value = value.rstrip(b" \t")
+            self._fields.append((name, value))
+            self._field_bytes += len(name) + len(value) + 4  # ": " and CRLF, as on the wire
         # else: a chunked trailer field, dropped - it must never pose as a header.
 
     def on_headers_complete(self) -> None:
@@ -275,10 +279,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
     # -- requests --------------------------------------------------------------------------
 
     def _client_head(self) -> dict[str, int]:
-        return {
-            "fields": len(self._fields),
-            "bytes": sum(len(name) + len(value) + 4 for name, value in self._fields),
-        }
+        return {"fields": len(self._fields), "bytes": self._field_bytes}
 
     def _scope(self, head: RequestHead) -> dict[str, Any]:
         return {
@@ -555,6 +556,27 @@ class EdgeHttpProtocol(asyncio.Protocol):
 class RequestCycle:
     """One request: the ASGI `receive` and `send` of its application task."""
 
+    __slots__ = (
+        "_body_delivered",
+        "_continue_owed",
+        "_event",
+        "_framing",
+        "_remaining",
+        "_timed_out",
+        "_unsent_head",
+        "body",
+        "clock_started",
+        "disconnected",
+        "head",
+        "keep_alive",
+        "more_body",
+        "protocol",
+        "response_complete",
+        "response_started",
+        "scope",
+        "transport",
+    )
+
     def __init__(self, protocol: EdgeHttpProtocol, head: RequestHead, scope: dict[str, Any]) -> None:
         self.protocol = protocol
         self.head = head
@@ -572,6 +594,7 @@ class RequestCycle:
         self._body_delivered = False
         self._event = asyncio.Event()
         self._framing: Literal["none", "length", "chunked", "close"] = "none"
+        self._unsent_head = b""
         self._remaining = 0
 
     async def run(self, app: ASGIApp) -> None:
@@ -706,22 +729,34 @@ class RequestCycle:
         content.append(b"\r\n")
         self.response_started = True
         self._continue_owed = False
-        self.transport.write(b"".join(content))
+        # Written with the first part of the body, one send instead of two, when that part
+        # follows at once (a small response relayed whole); else on the loop's next turn.
+        self._unsent_head = b"".join(content)
+        self.protocol.loop.call_soon(self._flush_head)
+
+    def _flush_head(self) -> None:
+        if self._unsent_head and not self.transport.is_closing():
+            self.transport.write(self._unsent_head)
+        self._unsent_head = b""
 
     def _write_body(self, body: bytes, *, more_body: bool) -> None:
         framing = self._framing
+        parts = [self._unsent_head] if self._unsent_head else []
+        self._unsent_head = b""
         if framing == "chunked":
             if body:
-                self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+                parts += (b"%x\r\n" % len(body), body, b"\r\n")
             if not more_body:
-                self.transport.write(b"0\r\n\r\n")
+                parts.append(b"0\r\n\r\n")
         elif framing == "length":
             if len(body) > self._remaining:
                 raise RuntimeError("response body longer than its Content-Length")
             self._remaining -= len(body)
-            self.transport.write(body)
+            parts.append(body)
         elif framing == "close":
-            self.transport.write(body)
+            parts.append(body)
+        if parts:
+            self.transport.write(parts[0] if len(parts) == 1 else b"".join(parts))
         if not more_body:
             if self._remaining:
                 raise RuntimeError("response body shorter than its Content-Length")
