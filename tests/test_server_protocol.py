@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from urllib.parse import unquote_to_bytes
 
+import pytest
 import uvicorn
+from starlette.types import Receive, Scope, Send
 
-from tests.servers import RunningEdge, pattern_sha256
+from edge.server.serve import server_config
+from edge.settings import EdgeSettings
+from tests.servers import RunningEdge, ServerThread, pattern_sha256
 from tests.wire import WireClient
 
 
@@ -71,3 +76,33 @@ def test_a_large_response_arrives_whole_through_the_protocol(edge: RunningEdge) 
         response = wire.read_response()
     assert response.values("content-length") == [str(size).encode()]
     assert hashlib.sha256(response.body).hexdigest() == pattern_sha256(size)
+
+
+async def answers_with_the_header_it_is_asked_for(scope: Scope, receive: Receive, send: Send) -> None:
+    """An application that would split its own response, were the server to let it."""
+    if scope["type"] != "http":
+        return
+    name, _, value = scope["query_string"].partition(b"=")
+    headers = [(unquote_to_bytes(name), unquote_to_bytes(value)), (b"content-length", b"2")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.mark.parametrize(
+    "query",
+    [b"x-a=1%0D%0Aset-cookie:%20injected", b"x%20a=1", b"x:a=1", b"=1"],
+    ids=["value-with-crlf", "name-with-space", "name-with-colon", "empty-name"],
+)
+def test_a_response_header_that_would_split_the_response_is_never_written(query: bytes) -> None:
+    config = server_config(EdgeSettings(), answers_with_the_header_it_is_asked_for, lifespan="off")
+    server = ServerThread(config).start()
+    try:
+        with WireClient(server.port) as wire:
+            wire.send(b"GET /?" + query + b" HTTP/1.1\r\nHost: edge\r\n\r\n")
+            response = wire.read_response()
+            assert wire.closed_by_peer()
+    finally:
+        server.stop()
+    assert response.status == 500
+    assert b"injected" not in response.head
+    assert json.loads(response.body)["error"]["code"] == "internal_error"
