@@ -3,18 +3,19 @@
 On a shared VM, req/s and CPU time drift by tens of percent between minutes (see
 docs/benchmarks.md); `valgrind --tool=callgrind` counts the instructions a process executes,
 which is the same for the same code and input whatever else the machine is doing. The
-edge (`python -m edge`, one worker, every concern at its default except rate limiting,
-access log off) runs under callgrind in front of `bench/tiny_upstream.py`, and one client
-sends N sequential keep-alive requests; the count is taken at two N, so start-up and
-shut-down cancel out:
+edge (`python -m edge`, one worker) runs under callgrind in front of
+`bench/tiny_upstream.py`, configured as one of the proxy benchmark's edges (`--config`:
+`plain`, rate limiting and access log off; `memory` or `redis`, every concern on, rate
+limits in memory or in Redis), and one client sends N sequential keep-alive requests; the
+count is taken at two N, so start-up and shut-down cancel out:
 
     instructions per request = (I(N2) - I(N1)) / (N2 - N1)
 
 With `--base REV` the same is measured for another revision, checked out into a temporary
 git worktree, so a change's cost is read as a ratio of two counts.
 
-Run: `python bench/instructions_bench.py --base 34e3ba4` (about 5 minutes: callgrind runs
-Python some 50 times slower).
+Run: `python bench/instructions_bench.py --base 34e3ba4 --config plain` (about 3 minutes
+per configuration: callgrind runs Python some 50 times slower).
 """
 
 from __future__ import annotations
@@ -33,12 +34,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.proxy_bench import LOAD_GENERATOR_CAPS
+from bench.proxy_bench import DEFAULT_REDIS_URL, GENEROUS_RATE_LIMIT, LOAD_GENERATOR_CAPS, ORIGIN
 from bench.support import ROOT, BenchError, Service, clean_env, free_port, interrupt_on_signals, log
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://app.example.com\r\n\r\n"
 TOTALS = re.compile(rb"^totals:\s+(\d+)", re.MULTILINE)
 READY_TIMEOUT_S = 180.0  # the edge starts in seconds; under callgrind in a minute or more
+
+# The proxy benchmark's edges (bench/proxy_bench.py), by name.
+CONFIGS: dict[str, dict[str, str]] = {
+    "plain": {"EDGE_RATE_LIMIT_DEFAULT": "off", "EDGE_ACCESS_LOG": "false", "EDGE_LOG_LEVEL": "warning"},
+    "memory": {
+        "EDGE_RATE_LIMIT_DEFAULT": GENEROUS_RATE_LIMIT,
+        "EDGE_CORS_ALLOW_ORIGINS": ORIGIN,
+        "EDGE_ACCESS_LOG": "true",
+        "EDGE_LOG_LEVEL": "info",
+    },
+}
+CONFIGS["redis"] = {
+    **CONFIGS["memory"],
+    "EDGE_RATE_LIMIT_STORAGE_URL": DEFAULT_REDIS_URL,
+    # Its own prefix: the window's keys expire a second after the last hit.
+    "EDGE_RATE_LIMIT_KEY_PREFIX": "edge-instructions-bench",
+}
 
 
 def send_requests(port: int, count: int) -> None:
@@ -65,7 +83,7 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -
     raise BenchError(f"the edge did not listen within {timeout:.0f} s")
 
 
-def instructions(tree: Path, upstream_url: str, count: int, tmp: Path) -> int:
+def instructions(tree: Path, upstream_url: str, config: str, count: int, tmp: Path) -> int:
     """What the edge of `tree` executes in all, start to exit, serving `count` requests."""
     port = free_port()
     out = tmp / f"callgrind-{port}.out"
@@ -75,9 +93,7 @@ def instructions(tree: Path, upstream_url: str, count: int, tmp: Path) -> int:
             "EDGE_UPSTREAM_URL": upstream_url,
             "EDGE_HOST": "127.0.0.1",
             "EDGE_PORT": str(port),
-            "EDGE_RATE_LIMIT_DEFAULT": "off",
-            "EDGE_ACCESS_LOG": "false",
-            "EDGE_LOG_LEVEL": "warning",
+            **CONFIGS[config],
             **LOAD_GENERATOR_CAPS,
         },
     )
@@ -106,8 +122,8 @@ def checkout(rev: str, tmp: Path) -> Iterator[Path]:
         subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
 
-def per_request(tree: Path, upstream_url: str, counts: tuple[int, int], tmp: Path) -> float:
-    low, high = (instructions(tree, upstream_url, count, tmp) for count in counts)
+def per_request(tree: Path, upstream_url: str, config: str, counts: tuple[int, int], tmp: Path) -> float:
+    low, high = (instructions(tree, upstream_url, config, count, tmp) for count in counts)
     return (high - low) / (counts[1] - counts[0])
 
 
@@ -115,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--base", help="a revision to compare the working tree with")
     parser.add_argument("--requests", type=int, nargs=2, default=(200, 1200), metavar=("N1", "N2"))
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="plain", help="which edge (plain)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
         raise BenchError("valgrind is not installed: scripts/install_debian_packages.sh valgrind:valgrind")
@@ -129,15 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         upstream.start()
         try:
             upstream.wait_ready()
-            results = {"working tree": per_request(ROOT, upstream.url, counts, tmp)}
+            results = {"working tree": per_request(ROOT, upstream.url, args.config, counts, tmp)}
             log(f"working tree: {results['working tree']:,.0f} instructions per request")
             if args.base:
                 with checkout(args.base, tmp) as tree:
-                    results[args.base] = per_request(tree, upstream.url, counts, tmp)
+                    results[args.base] = per_request(tree, upstream.url, args.config, counts, tmp)
                 log(f"{args.base}: {results[args.base]:,.0f} instructions per request")
         finally:
             upstream.stop()
-    print(f"\n{counts[1] - counts[0]} sequential requests (N = {counts[0]} and {counts[1]}), one connection\n")
+    print(f"\n{args.config} edge, {counts[1] - counts[0]} sequential requests (N = {counts[0]}, {counts[1]})\n")
     print("| edge | instructions per request |")
     print("|---|---:|")
     for name, value in results.items():
