@@ -17,10 +17,16 @@ import uvicorn
 
 from app.observability import RedactCapabilities
 from app.outbound import OutboundSettings
-from app.settings import load_settings
+from app.settings import AppSettings, load_settings
 from app.storage.data_dir import restrict_umask
 from common.logs import log_config
 from common.settings import ConfigurationError, load
+
+
+def load_configuration() -> tuple[AppSettings, OutboundSettings]:
+    """Everything the app validates before it serves (`make run` checks it first too);
+    `ConfigurationError` names what is wrong."""
+    return load_settings(), load(OutboundSettings)
 
 
 def main() -> int:
@@ -28,8 +34,7 @@ def main() -> int:
     # qdrant-client warns with collection names, which hold session ids: into the log, redacted.
     logging.captureWarnings(True)
     try:
-        settings = load_settings()
-        outbound_settings = load(OutboundSettings)
+        settings, outbound_settings = load_configuration()
     except ConfigurationError as error:
         print(f"app: {error}", file=sys.stderr)
         return 2

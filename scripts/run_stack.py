@@ -1,9 +1,14 @@
-"""`make run`: the whole stack in the foreground; Ctrl-C (or SIGTERM) stops every process.
+"""`make run`: the whole stack in the foreground, started and stopped like a supervisor.
 
-Starts, in order: the provider simulator on SIM_PORT (9100) unless both GROQ_API_KEY and
-ELEVENLABS_API_KEY are set, the internal app on APP_PORT (8000), and the edge on EDGE_PORT
-(8080) in front of it. If one process dies, the others are stopped too and the exit
-status says so.
+Every process's configuration is checked first, by the same function its own entry point
+uses, so a mistake shows that process's own message and nothing starts. Then, in order:
+the provider simulator (unless both GROQ_API_KEY and ELEVENLABS_API_KEY are set), the
+internal app, and the edge in front of it, each waited for until it is ready. Each child
+runs in a process group of its own, so Ctrl-C or SIGTERM reaches only this launcher, which
+stops them in the reverse order, one after the other: the edge drains, the app finishes
+the turns in flight (their speech and memories need the simulator, still up), then the
+simulator. A second Ctrl-C kills what is left. If a child dies, the rest are stopped too
+and the exit status is 1; a configuration error exits 2. See README.md, "Run it".
 """
 
 from __future__ import annotations
@@ -15,82 +20,186 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
-STOP_TIMEOUT_S = 25
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.__main__ import load_configuration as app_configuration  # noqa: E402
+from common.settings import ConfigurationError  # noqa: E402
+from edge.__main__ import load_configuration as edge_configuration  # noqa: E402
+from sim.__main__ import GRACEFUL_SHUTDOWN_SECONDS as SIM_DRAIN_S  # noqa: E402
+from sim.__main__ import load_configuration as sim_configuration  # noqa: E402
+
+ConfigurationT = TypeVar("ConfigurationT")
+
+START_TIMEOUT_S = 60.0
+# What a child is given beyond its own drain time before it is killed.
+STOP_MARGIN_S = 5.0
+WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 - names, not a bind
 
 
-def start(name: str, module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    print(f"run: starting {name} (python -m {module})", flush=True)
-    return subprocess.Popen([sys.executable, "-m", module], env=env)
+@dataclass
+class Child:
+    """One process of the stack: how to tell it is ready, and how long its drain may take."""
+
+    name: str
+    module: str
+    url: str
+    ready_path: str
+    drain_s: float  # its own graceful-shutdown limit
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        print(f"run: starting the {self.name} (python -m {self.module})", flush=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            process_group=0,  # the terminal's Ctrl-C goes to the launcher alone
+        )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_until_ready(self, stop_requested: Callable[[], bool]) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and self.running() and not stop_requested():
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=1):  # noqa: S310 - our loopback URL
+                    return True
+            except (urllib.error.URLError, OSError):
+                time.sleep(0.2)
+        return False
+
+    def stop(self, patience_s: float) -> None:
+        """SIGTERM, then up to its drain time (and a margin) to exit; killed after that."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            print(f"run: stopping the {self.name}", flush=True)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=patience_s)
+            except subprocess.TimeoutExpired:
+                print(f"run: the {self.name} did not stop within {patience_s:.0f} s: killing it", flush=True)
+                self.kill()
+        status = self.process.wait()
+        if status not in (0, -signal.SIGTERM):
+            print(f"run: the {self.name} exited with status {status}", flush=True)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 - a fixed loopback URL
-                return True
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.2)
-    return False
+def loopback(host: str) -> str:
+    """Where this machine reaches a server bound to `host`."""
+    return "127.0.0.1" if host in WILDCARDS else host
+
+
+def stack_environment() -> bool:
+    """Fills in the stack's wiring where this environment (which the children inherit)
+    leaves it unset; whether the simulator stands in for the providers."""
+    os.environ.setdefault("EDGE_POLICY_FILE", str(ROOT / "config" / "edge-policy.toml"))
+    simulated = not (os.environ.get("GROQ_API_KEY") and os.environ.get("ELEVENLABS_API_KEY"))
+    if simulated:
+        os.environ.setdefault("GROQ_API_KEY", "simulated")
+        os.environ.setdefault("ELEVENLABS_API_KEY", "simulated")
+    return simulated
+
+
+def checked(name: str, configuration: Callable[[], ConfigurationT], errors: list[str]) -> ConfigurationT | None:
+    """A process's validated configuration, or None with its own message in `errors`."""
+    try:
+        return configuration()
+    except ConfigurationError as error:
+        errors.append(f"{name}: {error}")
+        return None
+
+
+def plan(simulated: bool) -> tuple[list[Child], list[str]]:
+    """The children to start, in order, from their own validated configurations; or the
+    configuration errors, each in its process's own words. Every process is checked, so
+    one run shows every mistake."""
+    errors: list[str] = []
+    children: list[Child] = []
+    if simulated:
+        sim = checked("sim", sim_configuration, errors)
+        sim_url = f"http://{loopback(sim.host)}:{sim.port}" if sim else "http://127.0.0.1:9100"
+        # The simulator serves both providers' APIs; each provider keeps its own breaker
+        # and policy on the shared address (docs/resilience.md).
+        os.environ["GROQ_BASE_URL"] = f"{sim_url}/openai/v1"
+        os.environ["ELEVENLABS_BASE_URL"] = sim_url
+        if sim:
+            children.append(Child("simulator", "sim", sim_url, "/_sim/health", SIM_DRAIN_S))
+    app = checked("app", app_configuration, errors)
+    if app:
+        app_settings = app[0]
+        app_url = f"http://{loopback(app_settings.host)}:{app_settings.port}"
+        os.environ.setdefault("EDGE_UPSTREAM_URL", app_url)
+        children.append(Child("app", "app", app_url, "/api/v1/ready", app_settings.drain_timeout))
+    edge = checked("edge", edge_configuration, errors)
+    if edge:
+        edge_settings = edge[0]
+        edge_url = f"http://{loopback(edge_settings.host)}:{edge_settings.port}"
+        children.append(Child("edge", "edge", edge_url, "/_edge/ready", edge_settings.drain_timeout))
+    return children, errors
 
 
 def main() -> int:
-    env = dict(os.environ)
-    app_port = env.setdefault("APP_PORT", "8000")
-    env.setdefault("EDGE_UPSTREAM_URL", f"http://127.0.0.1:{app_port}")
-    env.setdefault("EDGE_POLICY_FILE", str(Path(__file__).resolve().parent.parent / "config" / "edge-policy.toml"))
-    edge_port = env.get("EDGE_PORT") or env.get("PORT") or "8080"
-    simulated = not (env.get("GROQ_API_KEY") and env.get("ELEVENLABS_API_KEY"))
-    if simulated:
-        sim_port = env.setdefault("SIM_PORT", "9100")
-        env["GROQ_BASE_URL"] = f"http://127.0.0.1:{sim_port}/openai/v1"
-        env["ELEVENLABS_BASE_URL"] = f"http://127.0.0.1:{sim_port}"
-        env.setdefault("GROQ_API_KEY", "simulated")
-        env.setdefault("ELEVENLABS_API_KEY", "simulated")
+    children, errors = plan(stack_environment())
+    if errors:
+        for error in errors:
+            print(error, file=sys.stderr)
+        print("run: nothing started; fix the configuration above", file=sys.stderr)
+        return 2
 
-    processes: list[subprocess.Popen[bytes]] = []
-    stopping = False
+    signals = 0
 
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            print(f"run: {signal.Signals(signum).name}: stopping (again to kill at once)", flush=True)
+        else:
+            for child in children:
+                child.kill()
 
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    status = 0
     try:
-        if simulated:
-            sim = start("provider simulator (no API keys set)", "sim", env)
-            processes.append(sim)
-            if not wait_until_up(f"http://127.0.0.1:{sim_port}/_sim/health", sim):
-                print("run: the simulator did not come up", file=sys.stderr)
+        for child in children:
+            child.start()
+            if not child.wait_until_ready(lambda: signals > 0):
+                if signals:
+                    return 0
+                if child.running():
+                    print(f"run: the {child.name} was not ready within {START_TIMEOUT_S:.0f} s", file=sys.stderr)
+                else:
+                    print(f"run: the {child.name} exited during start-up", file=sys.stderr)
                 return 1
-        app = start("app", "app", env)
-        processes.append(app)
-        if not wait_until_up(f"http://127.0.0.1:{app_port}/api/v1/ready", app):
-            print("run: the app did not come up", file=sys.stderr)
-            return 1
-        edge = start("edge", "edge", env)
-        processes.append(edge)
-        if wait_until_up(f"http://127.0.0.1:{edge_port}/_edge/ready", edge):
-            print(f"run: ready at http://127.0.0.1:{edge_port}/ (Ctrl-C stops everything)", flush=True)
-        while not stopping and all(process.poll() is None for process in processes):
+        *internal, edge = children
+        behind = ", ".join(f"the {child.name} at {child.url}" for child in reversed(internal))
+        print(f"run: ready at {edge.url}/ ({behind}); Ctrl-C stops the stack", flush=True)
+        while signals == 0:
+            gone = [child for child in children if not child.running()]
+            if gone:
+                print(f"run: the {gone[0].name} exited unexpectedly: stopping the stack", file=sys.stderr)
+                status = 1
+                break
             time.sleep(0.2)
-        failed = [process for process in processes if process.poll() not in (None, 0)]
-        return 1 if failed and not stopping else 0
+        return status
     finally:
-        # Edge first, so no request reaches an app that is already going away.
-        for process in reversed(processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in reversed(processes):
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        # Edge first, then one after the other: each still has what it calls while it drains.
+        for child in reversed(children):
+            child.stop(child.drain_s + STOP_MARGIN_S)
         print("run: stopped", flush=True)
 
 

@@ -11,15 +11,21 @@ import uvicorn
 from common.settings import ConfigurationError
 from sim.app import build_app
 from sim.logs import log_config
-from sim.settings import load_settings
+from sim.settings import SimSettings, load_settings
 
 # A call held by a long simulated delay must not hold up a restart for long.
 GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
+def load_configuration() -> SimSettings:
+    """Everything the simulator validates before it serves (`make run` checks it first
+    too); `ConfigurationError` names what is wrong."""
+    return load_settings()
+
+
 def main() -> int:
     try:
-        settings = load_settings()
+        settings = load_configuration()
     except ConfigurationError as error:
         print(f"sim: {error}", file=sys.stderr)
         return 2
