@@ -1,5 +1,7 @@
 """The simulator's logging: the project's JSON lines on standard output, and one access line
-per request."""
+per request. Every line logged while a request is handled carries the caller's
+`X-Request-ID` (the app sends its own with each provider call), so a turn can be followed
+from the edge's log through the app's to the simulator's."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.ids import ACCEPTABLE_REQUEST_ID
 from common.logs import log_config as common_log_config
+from common.logs import request_id_var
 from sim.pipeline import SimulatedAbort
 
 access_logger = logging.getLogger("sim.access")
@@ -50,6 +54,10 @@ class AccessLog:
             await send(message)
 
         outcome = "complete"
+        request_id = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
+        token = request_id_var.set(
+            request_id.decode("ascii") if request_id and ACCEPTABLE_REQUEST_ID.fullmatch(request_id) else None
+        )
         try:
             await self.app(scope, receive, send_and_note)
         except SimulatedAbort:
@@ -74,3 +82,4 @@ class AccessLog:
                     "outcome": outcome,
                 },
             )
+            request_id_var.reset(token)

@@ -4,7 +4,9 @@ process group, which is what these tests send."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.app_support import new_port
 from tests.processes import PROJECT_ROOT, children_of
@@ -194,3 +197,45 @@ def test_configuration_errors_of_every_process_are_shown_in_their_own_words_befo
     )
     assert edge_alone.returncode == 2
     assert edge_alone.stderr.strip() in errors, (edge_alone.stderr, errors)
+
+
+README = PROJECT_ROOT / "README.md"
+README_ORIGIN = "http://127.0.0.1:8080"
+
+
+def readme_api_commands() -> str:
+    """The README's block of API commands, as a person would paste it."""
+    text = README.read_text()
+    start = text.index(f"```sh\nAPI={README_ORIGIN}/api/v1\n") + len("```sh\n")
+    return text[start : text.index("```", start)]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make test installs it)")
+def test_the_readme_commands_run_as_written_against_a_started_stack(tmp_path: Path) -> None:
+    commands = readme_api_commands()
+    assert "<" not in commands.replace("<<", ""), "a placeholder left in the README's commands"
+    work = tmp_path / "work"
+    work.mkdir()
+    with started_stack(tmp_path) as stack:
+        completed = subprocess.run(
+            ["/bin/bash", "-e", "-o", "pipefail", "-c", commands.replace(README_ORIGIN, stack.edge_url)],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert completed.returncode == 0, (completed, stack.output()[-3000:])
+        with httpx.Client(trust_env=False) as client:
+            calls = client.get(f"{stack.sim_url}/_sim/calls").json()
+    assert completed.stderr == "", completed.stderr
+    answers = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    text_turn, conversation, edge_ready, app_ready = answers
+    assert text_turn["transcript"] == "Hello Rose, my dog is called Max."
+    assert text_turn["audio_url"] is not None
+    assert [message["role"] for message in conversation["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert conversation["messages"][2]["text"], conversation  # the recording's transcript
+    assert edge_ready["status"] == "ready"
+    assert app_ready["status"] == "ready"
+    assert calls["transcribe"]["calls"] == 1, calls
+    reply = (work / "reply.mp3").read_bytes()
+    assert reply[:3] == b"ID3" or reply[:2] in (b"\xff\xfb", b"\xff\xf3"), reply[:16]
