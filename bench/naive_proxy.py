@@ -4,8 +4,8 @@ A Starlette app with a catch-all route and a `BaseHTTPMiddleware`, forwarding ea
 with one shared `httpx.AsyncClient` and `client.request(...)`: the request body is read
 whole, the response is read whole, headers go through httpx's mapping. It is what the
 edge is compared against from below (nginx is the comparison from above). Not for use:
-it buffers bodies in memory and has the header traps listed in
-/work/shared/reference/python-proxy-notes.md.
+it buffers bodies in memory, joins repeated response headers such as `Set-Cookie` into one
+(httpx's mapping) and forwards `Content-Encoding` with a body httpx has decompressed.
 
 Run: `python bench/naive_proxy.py --port 9002 --upstream http://127.0.0.1:9001`.
 """

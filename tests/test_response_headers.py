@@ -37,14 +37,15 @@ from tests.concerns_support import (
 from tests.servers import RawUpstream, RunningEdge, ServerThread, closed_port, running_edge
 
 IMMUTABLE = "public, max-age=31536000, immutable"
+SHARED = "public, max-age=600"
 BODY_LIMIT = 1000
 HEADER_COUNT_LIMIT = 20
 
 
 @pytest.fixture(scope="module")
 def scripted_edge(scripted: tuple[ServerThread, ScriptedUpstream]) -> Iterator[RunningEdge]:
-    """Development, one allowed origin, a `/media/**` cache rule, small size limits."""
-    policy = Policy(routes=[RouteRule(path="/media/**", cache="immutable")])
+    """Development, one allowed origin, `/media/**` and `/shared/**` cache rules, small size limits."""
+    policy = Policy(routes=[RouteRule(path="/media/**", cache="immutable"), RouteRule(path="/shared/**", cache=SHARED)])
     with running_edge(
         scripted[0].url,
         policy,
@@ -429,3 +430,14 @@ def test_policy_cache_rule_applies_to_its_paths_only(scripted_edge: RunningEdge)
     assert cache_control(scripted_edge, "/media/voice/clip.ogg") == [IMMUTABLE]
     assert cache_control(scripted_edge, "/media/notes") == [IMMUTABLE]
     assert cache_control(scripted_edge, "/mediafiles/clip") == []
+
+
+@pytest.mark.parametrize("status", ["404", "500", "503"])
+@pytest.mark.parametrize(("path", "rule"), [("/shared/notes.txt", SHARED), ("/media/clip.ogg", IMMUTABLE)])
+def test_failure_on_a_path_with_a_cache_rule_is_never_cached(
+    scripted_edge: RunningEdge, path: str, rule: str, status: str
+) -> None:
+    # Errors come before rules (docs/edge.md#cache-policy): a rule says how to cache what
+    # the path serves when it works, not a passing failure.
+    assert cache_control(scripted_edge, path) == [rule]
+    assert cache_control(scripted_edge, path, ("status", status)) == ["no-store"]

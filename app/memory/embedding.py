@@ -4,7 +4,7 @@ The default embedder needs no model and no download: feature hashing of words an
 pairs into 384 dimensions, L2-normalised, so cosine similarity measures shared wording.
 It finds near-duplicate facts (the store skips those) and memories that share words with
 the conversation; it does not understand synonyms. For production, all-MiniLM-L6-v2
-(384 dimensions too, cosine) is the documented choice (docs/memory.md): it slots in
+(384 dimensions too, cosine) is the documented choice (docs/app.md#state-and-storage): it slots in
 behind the same interface, and its vectors live in a collection of the same shape.
 """
 

@@ -3,7 +3,7 @@
 Audio never goes into the conversation state (it would grow every checkpoint); the state
 keeps only the id. Files older than `APP_AUDIO_RETENTION_HOURS` are deleted by the
 retention sweep; a deleted session's files go with it. With several app replicas the
-directory must be a shared volume (docs/operations.md).
+directory must be a shared volume (docs/app.md#state-and-storage).
 """
 
 from __future__ import annotations

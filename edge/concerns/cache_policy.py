@@ -1,16 +1,10 @@
 """Cache policy: a `Cache-Control` for responses whose upstream set none.
 
-In order, the first that applies:
-1. a policy-file rule's `cache`: `immutable`, `revalidate`, `no-store` or a literal value;
-2. error responses (4xx, 5xx): `no-store`, so a passing failure is never cached;
-   redirects (3xx but 304) are left alone;
-3. paths under `EDGE_API_PATH_PREFIXES` (`/api/`): `no-store`;
-4. fingerprinted assets, whose name carries a content hash (`app.3f9a1c2e.js`,
-   `index-B4x9Kq2z.css`): `public, max-age=31536000, immutable`;
-5. HTML pages: `no-cache` (stored, but revalidated before each use, so a new release
-   shows at once).
-Anything else is left to the upstream and the client. A `Cache-Control` set by the
-upstream always wins.
+The first that applies: an error (4xx, 5xx) gets `no-store`, whatever a policy rule says;
+a redirect (3xx but 304) gets nothing; then a policy rule's `cache`, `no-store` under
+`EDGE_API_PATH_PREFIXES`, `public, max-age=31536000, immutable` for fingerprinted assets,
+`no-cache` for HTML pages; anything else gets nothing. An upstream's own `Cache-Control`
+always wins. The order and why: docs/edge.md#cache-policy.
 """
 
 from __future__ import annotations
