@@ -2,7 +2,7 @@
 
 Each process reads its environment once into one typed settings class, validated at
 start-up; an invalid value stops the start-up with a message naming the variable. List
-values are comma-separated. `ENVIRONMENT` is read by every process.
+values are comma-separated. The edge and the app read `ENVIRONMENT`; the simulator does not.
 """
 
 from __future__ import annotations

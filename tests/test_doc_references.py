@@ -10,9 +10,9 @@
   anchors likewise.
 
 Paths under the directories `.gitignore` lists (the benchmarks' results) are outputs, not
-references, and are skipped. The repository stands alone: a relative path that leaves it,
-or an absolute path into the directory the checkout sits in, fails. Other absolute paths
-are URL paths (`/api/v1/openapi.json`) or system files, and are skipped.
+references, and are skipped. The repository stands alone: a relative path that leaves it
+fails, and so does an absolute path to a Markdown file or into the directory the checkout
+sits in. Other absolute paths are URL paths (`/api/v1/openapi.json`), and are skipped.
 """
 
 from __future__ import annotations
@@ -118,9 +118,12 @@ def path_reference_problems(root: Path, origin: str, text: str, first_line: int 
     for match in PATH_REFERENCE.finditer(text):
         path, anchor = match.group(1), match.group(2)
         if path.startswith("/"):
+            # A URL path (`/api/v1/openapi.json`), unless it names a document or lies in the
+            # directory around the checkout: then a file outside the repository.
             surroundings = root.parent
-            if surroundings == Path(root.anchor) or not path.startswith(f"{surroundings}/"):
-                continue  # a URL path or a system file
+            nearby = surroundings != Path(root.anchor) and path.startswith(f"{surroundings}/")
+            if not nearby and not path.endswith(".md"):
+                continue
             reason: str | None = "outside the repository (it must stand alone)"
         else:
             reason = unresolved(root, os.path.normpath(root / path), anchor)
@@ -252,7 +255,7 @@ def test_markdown_checker_reports_each_broken_reference_with_its_line(repository
         "outputs: out/run.json, pkg/.cache/x.json; URL paths: /api/v1/openapi.json\n"
         "```\n[in code](docs/gone.md) docs/guide.md#not-a-heading\n```\n"
         "[definition]: docs/undefined.md\n"
-        f"see {repository.parent}/shared/notes.md\n"
+        f"see {repository.parent}/shared/tool.py, /srv/reference/notes.md\n"
     )
     assert markdown_problems(repository, readme) == [
         "README.md:4: (docs/gone.md): no such file",
@@ -266,7 +269,8 @@ def test_markdown_checker_reports_each_broken_reference_with_its_line(repository
         "README.md:7: docs/guide.md#not-here: no heading with the anchor #not-here in docs/guide.md",
         "README.md:10: docs/gone.md: no such file",
         "README.md:10: docs/guide.md#not-a-heading: no heading with the anchor #not-a-heading in docs/guide.md",
-        f"README.md:13: {repository.parent}/shared/notes.md: outside the repository (it must stand alone)",
+        f"README.md:13: {repository.parent}/shared/tool.py: outside the repository (it must stand alone)",
+        "README.md:13: /srv/reference/notes.md: outside the repository (it must stand alone)",
     ]
 
 
