@@ -25,6 +25,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from common.audio import duration_seconds
 from sim import containers, replies
 from sim.pipeline import CLIENT_CLOSED, Call, SimState, provider_endpoint
 from sim.ratelimit import Budgets
@@ -273,7 +274,10 @@ class Groq:
         if temperature is not None and not is_number_between(temperature, 0, 1):
             raise GroqError(400, "temperature must be a number between 0 and 1", param="temperature")
         prompt = text_field(fields, "prompt")
-        seconds = containers.estimated_seconds(containers.EXTENSIONS[extension], data)
+        # Measured too where the headers are silent (MediaRecorder's WebM), as a decoder would.
+        seconds = duration_seconds(data, containers.EXTENSIONS[extension], measure=True)
+        if seconds is None:
+            raise GroqError(400, "could not process file - is it a valid media file?", param="file")
         text = prompt if prompt is not None else byte_transcript(data, seconds)
 
         verdict = self.budgets.charge(model, 0)

@@ -28,8 +28,8 @@ from app.companion import Companion
 from app.main import create_app
 from app.outbound import HostPolicy, OutboundSettings
 from app.settings import AppSettings
-from edge.policy import Policy, RouteRule
-from tests.processes import ServiceProcess, running_process, start_process
+from edge.policy import Policy, load_policy
+from tests.processes import PROJECT_ROOT, ServiceProcess, running_process, start_process
 from tests.servers import RunningEdge, ServerThread, closed_port, serve, start_edge
 from tests.sim_support import ELEVEN_KEY, GROQ_KEY, start_sim
 
@@ -262,16 +262,20 @@ def schema_url(schema: str) -> str:
 # -- the edge in front ---------------------------------------------------------------------------------------
 
 
-TURNS_BODY_LIMIT = 10 * MIB
-EDGE_POLICY = Policy(
-    routes=[RouteRule(name="voice-turns", path="/api/v1/sessions/*/turns", max_body_bytes=TURNS_BODY_LIMIT)]
-)
+SHIPPED_POLICY = PROJECT_ROOT / "config" / "edge-policy.toml"
+
+
+def unlimited_shipped_policy() -> Policy:
+    """The shipped policy file without its rate limits: these tests take more turns than a
+    person would; its body limits and redaction stay."""
+    shipped = load_policy(SHIPPED_POLICY)
+    return Policy(routes=[rule.model_copy(update={"rate_limit": None}) for rule in shipped.routes])
 
 
 def start_app_edge(app_url: str) -> RunningEdge:
-    """The edge as deployed in front of the app: rate limiting off, the default 1 MiB body
-    limit, and 10 MiB for turns (voice uploads)."""
-    return start_edge(app_url, EDGE_POLICY, rate_limit_default="off", max_body_bytes=MIB)
+    """The edge as deployed in front of the app - the default 1 MiB body limit, the shipped
+    policy's larger one for turns (voice uploads) - with rate limiting off."""
+    return start_edge(app_url, unlimited_shipped_policy(), rate_limit_default="off", max_body_bytes=MIB)
 
 
 # -- a typed client of the API -------------------------------------------------------------------------------

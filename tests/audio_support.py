@@ -1,8 +1,9 @@
 """Builders of small, valid audio files for the audio tests, written from the format
 specifications rather than taken from an encoder (none is installed, and none is needed:
-`app.audio` reads headers only).
+`common.audio` reads headers and timestamps only).
 
-- WAV by the standard library's `wave`, optionally re-labelled with a "streaming" data size;
+- WAV by the standard library's `wave`, of silence or of given samples, optionally
+  re-labelled with a "streaming" data size;
 - MP3 as MPEG audio Layer III frames of silence (a header, zero side information, zero
   padding), with an ID3v2.4 tag, a Xing or VBRI header, or an ID3v1 trailer;
 - Ogg pages with their real CRC-32, carrying Opus (`OpusHead`, `OpusTags`, 20 ms silent
@@ -29,6 +30,17 @@ def wav(seconds: float, *, rate: int = 16000, channels: int = 1, sample_width: i
         writer.setsampwidth(sample_width)
         writer.setframerate(rate)
         writer.writeframes(bytes(round(seconds * rate) * channels * sample_width))
+    return buffer.getvalue()
+
+
+def pcm_wav(pcm: bytes, rate: int) -> bytes:
+    """16-bit mono samples `pcm` as a WAV."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(pcm)
     return buffer.getvalue()
 
 

@@ -23,6 +23,7 @@ import httpx
 
 from sim.app import build_app
 from sim.settings import SimSettings
+from tests import audio_support
 from tests.servers import ServerThread, serve
 
 GROQ_KEY = "gsk_test_key"
@@ -88,17 +89,17 @@ def wav_file(seconds: float, rate: int = 16000, seed: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-# The first bytes of each container the transcription endpoint knows, padded with zeros.
+# A short file of each container the transcription endpoint knows, for each extension.
 CONTAINER_SAMPLES: dict[str, bytes] = {
-    "flac": b"fLaC" + bytes(60),
-    "mp3": b"ID3\x04\x00" + bytes(59),
-    "mpga": b"\xff\xfb\x90\xc4" + bytes(60),
-    "mpeg": b"\xff\xf3\x48\xc4" + bytes(60),
-    "mp4": b"\x00\x00\x00\x20ftypisom" + bytes(52),
-    "m4a": b"\x00\x00\x00\x20ftypM4A " + bytes(52),
-    "ogg": b"OggS\x00\x02" + bytes(58),
-    "opus": b"OggS\x00\x02" + bytes(58),
-    "webm": b"\x1a\x45\xdf\xa3" + bytes(60),
+    "flac": audio_support.flac(1600),
+    "mp3": audio_support.mp3(5, tag=audio_support.id3v2()),
+    "mpga": audio_support.mp3(5),
+    "mpeg": audio_support.mp3(5, header=audio_support.MPEG2_64K),
+    "mp4": audio_support.mp4(0.1, brand=b"isom"),
+    "m4a": audio_support.mp4(0.1),
+    "ogg": audio_support.ogg_vorbis(0.1),
+    "opus": audio_support.ogg_opus(0.1),
+    "webm": audio_support.webm(100.0, clusters=1),
     "wav": wav_file(0.1),
 }
 

@@ -1,5 +1,5 @@
-"""Voice uploads: the container told by the bytes, the duration told by the headers, and
-every refusal (`AudioRejected`) with its stable code.
+"""Voice uploads: the container told by the bytes, the duration told by the headers (or
+measured, for WebM without one), and every refusal (`AudioRejected`) with its stable code.
 
 The files are built in `tests.audio_support` from the format specifications. Besides
 exact formats and durations, the tests cut every file at every length near its headers
@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.audio import (
+from app.audio import AudioRejected, inspect_upload
+from common.audio import (
     FLAC,
     FORMATS,
     MP3,
@@ -28,15 +29,14 @@ from app.audio import (
     WAV,
     WEBM,
     AudioFormat,
-    AudioRejected,
     duration_seconds,
-    inspect_upload,
     sniff,
 )
 from tests.audio_support import (
     MPEG1_32K,
     MPEG1_128K,
     MPEG2_64K,
+    OPUS_SILENCE,
     box,
     ebml_header,
     element,
@@ -186,8 +186,9 @@ def assert_handled(data: bytes) -> None:
     fmt = sniff(data)
     assert fmt is None or fmt in FORMATS
     for candidate in FORMATS:
-        seconds = duration_seconds(data, candidate)
-        assert seconds is None or (math.isfinite(seconds) and seconds >= 0)
+        for measure in (False, True):
+            seconds = duration_seconds(data, candidate, measure=measure)
+            assert seconds is None or (math.isfinite(seconds) and seconds >= 0)
     result = outcome(data, max_bytes=10 * MiB, max_seconds=600.0)
     if isinstance(result, AudioRejected):
         assert result.code in CODES
@@ -237,6 +238,65 @@ def test_each_format_is_accepted_up_to_its_limits(case: Case) -> None:
 def test_mediarecorder_webm_has_no_duration_and_is_accepted_on_its_size() -> None:
     data = webm(None, unknown_sizes=True)
     assert inspect_upload(data, max_bytes=len(data), max_seconds=0.001) == (WEBM, None)
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.seconds is not None], ids=lambda c: c.id)
+def test_measuring_never_overrides_a_declared_duration(case: Case) -> None:
+    assert duration_seconds(case.data, case.fmt, measure=True) == duration_seconds(case.data, case.fmt)
+
+
+def test_webm_without_duration_is_measured_to_where_its_last_block_starts() -> None:
+    """The builder's Clusters start 100 ms apart, each with 5 SimpleBlocks 20 ms apart: the
+    last block of 30 Clusters starts at 2.98 s (and plays 20 ms more, which no SimpleBlock says)."""
+    for data in (webm(None, unknown_sizes=True, clusters=30), webm(None, clusters=30)):
+        assert duration_seconds(data, WEBM) is None
+        assert duration_seconds(data, WEBM, measure=True) == pytest.approx(2.98)
+    assert duration_seconds(webm(None, timecode_scale=1000, clusters=3), WEBM, measure=True) == pytest.approx(280e-6)
+
+
+def _cluster(timecode: int, *blocks: bytes) -> bytes:
+    return element(0x1F43B675, uint_element(0xE7, timecode) + b"".join(blocks), unknown_size=True)
+
+
+def _simple_block(relative: int) -> bytes:
+    return element(0xA3, b"\x81" + struct.pack(">hB", relative, 0x80) + OPUS_SILENCE)
+
+
+def _mediarecorder_webm(*clusters: bytes) -> bytes:
+    body = webm_info(None) + webm_tracks() + b"".join(clusters)
+    return ebml_header() + element(0x18538067, body, unknown_size=True)
+
+
+def test_webm_measure_reads_block_groups_and_relative_timestamps() -> None:
+    block = element(0xA1, b"\x81" + struct.pack(">hB", 40, 0) + OPUS_SILENCE)
+    group = element(0xA0, block + uint_element(0x9B, 60))  # BlockDuration: 60 ms
+    assert duration_seconds(_mediarecorder_webm(_cluster(1000, group)), WEBM, measure=True) == pytest.approx(1.1)
+    # Blocks may start before their Cluster's timestamp, and come in any order: the latest wins.
+    later_first = _cluster(500, _simple_block(300), _simple_block(-100))
+    assert duration_seconds(_mediarecorder_webm(later_first), WEBM, measure=True) == pytest.approx(0.8)
+    assert duration_seconds(_mediarecorder_webm(_cluster(0), _cluster(100)), WEBM, measure=True) is None
+
+
+def test_webm_measure_of_a_cut_recording_counts_its_complete_blocks() -> None:
+    data = webm(None, unknown_sizes=True, clusters=10)
+    full = duration_seconds(data, WEBM, measure=True)
+    assert full is not None
+    assert full == pytest.approx(0.98)
+    last_cluster = data.rfind(b"\x1f\x43\xb6\x75")
+    assert duration_seconds(data[:last_cluster], WEBM, measure=True) == pytest.approx(0.88)
+    assert duration_seconds(data[:-1], WEBM, measure=True) == pytest.approx(0.96)  # the last block cut
+    for length in cut_points(len(data)):
+        seconds = duration_seconds(data[:length], WEBM, measure=True)
+        assert seconds is None or seconds <= full, length
+
+
+def test_webm_measure_gives_up_beyond_its_bound() -> None:
+    """Half a million elements (here 2-byte Voids inside a Cluster) and the walk stops: the
+    block after them is never read, and the duration is unknown rather than a guess."""
+    voids = b"\xec\x80" * 500_000
+    data = _mediarecorder_webm(_cluster(0, _simple_block(0), voids), _cluster(5000, _simple_block(0)))
+    assert duration_seconds(data, WEBM, measure=True) is None
+    assert duration_seconds(_mediarecorder_webm(_cluster(0, _simple_block(0), voids[:1000])), WEBM, measure=True) == 0
 
 
 def test_mp3_frame_count_wins_over_the_constant_bit_rate_estimate() -> None:
