@@ -43,10 +43,8 @@ from edge.health import health_routes
 from edge.policy import PathRedactor, Policy, RouteTable, load_policy
 from edge.proxy import Proxy
 from edge.proxy.ingress import IngressMiddleware
+from edge.scope import EDGE_PATH, is_edge_path
 from edge.settings import EdgeSettings, load_settings
-
-EDGE_PATH = "/_edge"
-
 
 # What `OPTIONS *` (a question about the server, not a resource) is told the edge forwards.
 SERVER_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
@@ -61,7 +59,7 @@ class EdgeApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The decoded path is matched, so no encoding of `/_edge/` reaches the upstream.
-        if scope["type"] == "lifespan" or scope["path"] == EDGE_PATH or scope["path"].startswith("/_edge/"):
+        if scope["type"] == "lifespan" or is_edge_path(scope["path"]):
             await self.own_endpoints(scope, receive, send)
         elif scope["path"] == "*":  # the server rules admit only `OPTIONS *`
             await send({"type": "http.response.start", "status": 204, "headers": [(b"allow", SERVER_METHODS)]})
@@ -70,8 +68,16 @@ class EdgeApp:
             await self.proxy(scope, receive, send)
 
 
-def build_app(settings: EdgeSettings, policy: Policy, proxy: Proxy | None = None) -> ASGIApp:
-    proxy = proxy or Proxy(settings)
+def build_app(settings: EdgeSettings, policy: Policy) -> ASGIApp:
+    proxy = Proxy(
+        settings.upstream_url,
+        pool_size=settings.upstream_pool_size,
+        connect_timeout=settings.upstream_connect_timeout,
+        read_timeout=settings.upstream_read_timeout,
+        idle_timeout=settings.upstream_idle_timeout,
+        request_buffer_bytes=settings.request_buffer_bytes,
+        ws_max_message_bytes=settings.ws_max_message_bytes,
+    )
     telemetry = configure_telemetry(settings)
     limit_store = LimitStore(
         settings.rate_limit_storage_url,

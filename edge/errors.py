@@ -1,7 +1,8 @@
 """The project's one error envelope, for every response the edge makes itself.
 
 `{"error": {"code": "...", "message": "...", "request_id": "..."}}` - the same shape the
-internal app uses, so a client handles one format whoever answered.
+internal app uses, so a client handles one format whoever answered. A refusal over a limit
+names the limit; a 429 names the seconds its `Retry-After` says (docs/edge.md).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from starlette.types import Scope, Send
 
 from common.envelope import envelope
-from edge.proxy.headers import Headers
+from edge.scope import WEBSOCKET_DENIAL_EXTENSION, Headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,14 +31,6 @@ BAD_FRAMING = EdgeError(
 )
 REQUEST_TIMEOUT = EdgeError(408, "request_timeout", "The request was not received in time.")
 CORS_FORBIDDEN = EdgeError(403, "cors_forbidden", "This cross-origin request is not allowed.")
-PAYLOAD_TOO_LARGE = EdgeError(413, "payload_too_large", "The request body is larger than this endpoint accepts.")
-TOO_MANY_CONCURRENT_REQUESTS = EdgeError(
-    429, "too_many_concurrent_requests", "Too many requests at once from this client. Try again after Retry-After."
-)
-RATE_LIMITED = EdgeError(429, "rate_limited", "Too many requests. Try again after the time in Retry-After.")
-HEADERS_TOO_LARGE = EdgeError(
-    431, "headers_too_large", "The request has too many headers, or headers that are too large."
-)
 NOT_FOUND = EdgeError(404, "not_found", "There is nothing at this path.")
 METHOD_NOT_ALLOWED = EdgeError(405, "method_not_allowed", "This method is not allowed here.")
 INTERNAL_ERROR = EdgeError(500, "internal_error", "The edge failed to handle the request.")
@@ -53,6 +46,36 @@ RATE_LIMIT_UNAVAILABLE = EdgeError(
 SHUTTING_DOWN = EdgeError(503, "shutting_down", "The service is restarting. Try again shortly.")
 UPSTREAM_TIMEOUT = EdgeError(504, "upstream_timeout", "The service took too long to respond.")
 HTTP_VERSION_NOT_SUPPORTED = EdgeError(505, "http_version_not_supported", "Only HTTP/1.0 and HTTP/1.1 are supported.")
+
+
+def payload_too_large(max_bytes: int) -> EdgeError:
+    return EdgeError(413, "payload_too_large", f"The request body is larger than {max_bytes:,} bytes.")
+
+
+def too_many_header_fields(max_fields: int) -> EdgeError:
+    return EdgeError(431, "headers_too_large", f"The request has more than {max_fields:,} header fields.")
+
+
+def headers_too_large(max_bytes: int) -> EdgeError:
+    return EdgeError(431, "headers_too_large", f"The request headers are larger than {max_bytes:,} bytes.")
+
+
+def rate_limited(retry_after: int) -> EdgeError:
+    """`retry_after`: the seconds the response's `Retry-After` says."""
+    return EdgeError(429, "rate_limited", f"Too many requests. Retry in {_seconds(retry_after)}.")
+
+
+def too_many_concurrent_requests(retry_after: int) -> EdgeError:
+    """`retry_after`: the seconds the response's `Retry-After` says."""
+    return EdgeError(
+        429,
+        "too_many_concurrent_requests",
+        f"Too many requests at once from this client. Retry in {_seconds(retry_after)}.",
+    )
+
+
+def _seconds(count: int) -> str:
+    return "1 second" if count == 1 else f"{count} seconds"
 
 
 class ResponseAborted(Exception):
@@ -105,7 +128,7 @@ async def deny_websocket(
 ) -> None:
     """Refuses a WebSocket upgrade with an HTTP response in the envelope, where the server
     supports that; otherwise with a bare close before accepting (an HTTP 403)."""
-    if "websocket.http.response" not in scope.get("extensions", {}):
+    if WEBSOCKET_DENIAL_EXTENSION not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008})
         return
     body = error_body(error, request_id_of(scope))

@@ -173,13 +173,12 @@ def _redaction(pattern: str, redact: bool) -> Callable[[str], str | None]:
 
 
 class RouteTable(Generic[T]):
-    """One concern's view of the policy: the value for a request, and the rule it came from."""
+    """One concern's view of the policy: the value for a request."""
 
     def __init__(self, default: T, rules: list[tuple[RouteRule, T]]) -> None:
         self.default = default
         self._rules = [
-            (path_matcher(rule.path), frozenset(rule.methods) if rule.methods else None, rule, value)
-            for rule, value in rules
+            (path_matcher(rule.path), frozenset(rule.methods) if rule.methods else None, value) for rule, value in rules
         ]
 
     @classmethod
@@ -187,11 +186,8 @@ class RouteTable(Generic[T]):
         rules = [(rule, value) for rule in policy.routes if (value := setting(rule)) is not None]
         return cls(default, rules)
 
-    def __bool__(self) -> bool:
-        return bool(self._rules)
-
-    def lookup(self, method: str, path: str) -> tuple[T, RouteRule | None]:
-        for matches, methods, rule, value in self._rules:
+    def lookup(self, method: str, path: str) -> T:
+        for matches, methods, value in self._rules:
             if (methods is None or method in methods) and matches(path):
-                return value, rule
-        return self.default, None
+                return value
+        return self.default

@@ -1,16 +1,6 @@
-"""Support for the edge-concern tests: a scripted upstream, a raw HTTP/1.1 client, and checks
-shared by the CORS, response-header and size-limit suites.
-
-`ScriptedUpstream` answers any path; the query string picks the answer, so one server can
-play an app that serves HTML, sets its own `Cache-Control`, or leaks `Server`:
-
-- `status=N` the status (default 200);
-- `type=html|js|text|json` the content type (default JSON);
-- `header=Name: Value`, repeatable, extra response headers.
-
-The body is always the JSON of what it saw (method, path, headers, body length), whatever
-the content type claims (none for 204 and 304). Every HTTP request and every WebSocket handshake is recorded;
-WebSocket sessions are accepted and echo text.
+"""Support for the edge-concern tests: request heads for a raw socket, and checks shared by
+the CORS, response-header and size-limit suites. The upstream they script through its
+query string (`status=`, `type=`, `header=`) is `tests.servers.UpstreamApp`.
 """
 
 from __future__ import annotations
@@ -19,25 +9,14 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import parse_qsl
 
 import httpx
-from starlette.types import Receive, Scope, Send
 
-from tests.servers import ServerThread, UpstreamApp, serve
-from tests.wire import WireClient
+from tests.servers import UpstreamApp
+from tests.wire import WireResponse
 
 APP_ORIGIN = "https://app.example.com"
 EVIL_ORIGIN = "https://evil.example.org"
-
-CONTENT_TYPES = {
-    "html": b"text/html; charset=utf-8",
-    "js": b"text/javascript",
-    "text": b"text/plain",
-    "json": b"application/json",
-}
 
 ALWAYS_EXPOSED = {"x-request-id", "ratelimit", "ratelimit-policy", "retry-after"}
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
@@ -54,101 +33,7 @@ def unique_path(prefix: str = "/echo") -> str:
     return f"{prefix}/{uuid.uuid4().hex}"
 
 
-# -- the scripted upstream ------------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: list[tuple[str, str]]
-    body_length: int
-
-    def values(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key == name]
-
-
-class ScriptedUpstream:
-    def __init__(self) -> None:
-        self.requests: list[Seen] = []
-        self.websockets: list[Seen] = []
-
-    def saw_path(self, path: str) -> bool:
-        return any(seen.path == path for seen in [*self.requests, *self.websockets])
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        if scope["type"] == "websocket":
-            self.websockets.append(Seen("WEBSOCKET", scope["path"], headers, 0))
-            await receive()  # websocket.connect
-            await send({"type": "websocket.accept"})
-            while True:
-                message = await receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                await send({"type": "websocket.send", "text": message.get("text") or ""})
-        assert scope["type"] == "http"
-        length = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            length += len(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        seen = Seen(scope["method"], scope["path"], headers, length)
-        self.requests.append(seen)
-
-        query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
-        status = 200
-        response_headers = [(b"content-type", CONTENT_TYPES["json"])]
-        for key, value in query:
-            if key == "status":
-                status = int(value)
-            elif key == "type":
-                response_headers[0] = (b"content-type", CONTENT_TYPES[value])
-            elif key == "header":
-                name, _, field_value = value.partition(":")
-                response_headers.append((name.strip().encode(), field_value.strip().encode()))
-        body = json.dumps(
-            {"method": seen.method, "path": seen.path, "headers": seen.headers, "body_length": length}
-        ).encode()
-        if status in (204, 304):
-            body = b""  # no content, and no framing
-        else:
-            response_headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
-        await send({"type": "http.response.body", "body": body})
-
-
-def start_scripted_upstream() -> tuple[ServerThread, ScriptedUpstream]:
-    app = ScriptedUpstream()
-    return serve(app), app
-
-
-# -- a raw HTTP/1.1 client ------------------------------------------------------------------------
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: list[tuple[str, str]]  # names lower-cased
-    body: bytes
-
-    def values(self, name: str) -> list[str]:
-        return [value for key, value in self.headers if key == name.lower()]
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-class RawConnection(WireClient):
-    """The wire client with headers as lower-cased text, as these suites compare them."""
-
-    def read_response(self, *, head_request: bool = False) -> RawResponse:  # type: ignore[override]
-        response = super().read_response(head_request=head_request)
-        headers = [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in response.headers]
-        return RawResponse(response.status, headers, response.body)
+# -- requests on a raw socket ---------------------------------------------------------------------
 
 
 def request_head(method: str, path: str, headers: list[tuple[str, str]]) -> bytes:
@@ -222,9 +107,10 @@ def now_millis() -> int:
     return time.time_ns() // 1_000_000
 
 
-def header_pairs(response: httpx.Response) -> list[tuple[str, str]]:
+def header_pairs(response: httpx.Response | WireResponse) -> list[tuple[str, str]]:
     """A response's headers as they came, repeats kept, names lower-cased."""
-    return [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in response.headers.raw]
+    raw = response.headers.raw if isinstance(response, httpx.Response) else response.headers
+    return [(name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in raw]
 
 
 def assert_envelope(status: int, headers: list[tuple[str, str]], body: bytes, code: str) -> None:

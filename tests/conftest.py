@@ -5,7 +5,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.concerns_support import ScriptedUpstream, start_scripted_upstream
 from tests.servers import RawUpstream, RunningEdge, ServerThread, UpstreamApp, start_edge, start_upstream
 
 # The developer's own environment must not change what the tests see.
@@ -53,8 +52,8 @@ def raw_edge(raw_upstream: RawUpstream) -> Iterator[RunningEdge]:
 
 
 @pytest.fixture(scope="module")
-def scripted() -> Iterator[tuple[ServerThread, ScriptedUpstream]]:
-    """An upstream that answers what a test scripts; one per test module."""
-    server, app = start_scripted_upstream()
+def scripted() -> Iterator[tuple[ServerThread, UpstreamApp]]:
+    """An upstream of the test module's own, whose record holds only that module's requests."""
+    server, app = start_upstream()
     yield server, app
     server.stop()

@@ -9,18 +9,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge.app import build_app
+from edge.app import EdgeApp, build_app
 from edge.policy import Policy
 from edge.proxy import Proxy
 from edge.server.serve import server_config
@@ -111,11 +112,16 @@ class RecordedRequest:
 @dataclass
 class UpstreamRecord:
     requests: list[RecordedRequest] = field(default_factory=list)
+    websockets: list[RecordedRequest] = field(default_factory=list)  # the handshakes
     disconnects: list[tuple[str, float]] = field(default_factory=list)
     websocket_closes: list[tuple[int, str]] = field(default_factory=list)
 
     def paths(self) -> list[bytes]:
         return [request.raw_path for request in self.requests]
+
+    def saw_path(self, path: str) -> bool:
+        """Whether a request or a WebSocket handshake for exactly `path` arrived."""
+        return any(seen.raw_path == path.encode() for seen in [*self.requests, *self.websockets])
 
 
 def pattern_bytes(size: int, chunk: int = 64 * 1024) -> Iterator[bytes]:
@@ -135,9 +141,25 @@ def pattern_sha256(size: int) -> str:
     return digest.hexdigest()
 
 
+CONTENT_TYPES = {
+    "html": b"text/html; charset=utf-8",
+    "js": b"text/javascript",
+    "text": b"text/plain",
+    "json": b"application/json",
+}
+
+
 class UpstreamApp:
-    """Endpoints: /echo, /upload, /bytes/N, /sse, /cookies, /hop-by-hop, /slow, /status/N,
-    /head, WebSocket /ws/echo and /ws/reject. Everything it sees is recorded."""
+    """The upstream the edge tests forward to. Everything it sees is recorded.
+
+    Endpoints: /bytes/N (N pattern bytes; `?chunked=1` without a length), /sse (`?n=` events
+    every `?interval=` seconds), /slow (`?delay=` seconds, or until the client goes),
+    /cookies, /hop-by-hop, /status/N, /head; WebSocket /ws/reject (401), and any other path
+    accepts and echoes. Any other HTTP path answers the JSON of what it saw (method, path,
+    raw path, query, headers, body length and sha256) - none for 204 and 304 - and its query
+    scripts the answer: `status=N`, `type=html|js|text|json` (the content type; the body stays
+    JSON), `header=Name: Value` (repeatable; extra response fields).
+    """
 
     def __init__(self) -> None:
         self.record = UpstreamRecord()
@@ -152,7 +174,7 @@ class UpstreamApp:
             await self.websocket(scope, receive, send)
             return
         path: str = scope["path"]
-        query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode()).items()}
+        query = dict(parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True))
         if path.startswith("/bytes/"):
             await self.download(scope, receive, send, int(path.rsplit("/", 1)[1]), query)
         elif path == "/sse":
@@ -162,6 +184,16 @@ class UpstreamApp:
         else:
             body = await self.read_and_record(scope, receive)
             await self.respond(scope, send, path, body)
+
+    def _recorded(self, scope: Scope, body_length: int, digest: str) -> RecordedRequest:
+        return RecordedRequest(
+            method=scope.get("method", "WEBSOCKET"),
+            raw_path=scope["raw_path"],
+            query_string=scope["query_string"],
+            headers=list(scope["headers"]),
+            body_length=body_length,
+            body_sha256=digest,
+        )
 
     async def read_and_record(self, scope: Scope, receive: Receive) -> RecordedRequest:
         digest = hashlib.sha256()
@@ -176,14 +208,7 @@ class UpstreamApp:
             length += len(chunk)
             if not message.get("more_body"):
                 break
-        recorded = RecordedRequest(
-            method=scope["method"],
-            raw_path=scope["raw_path"],
-            query_string=scope["query_string"],
-            headers=list(scope["headers"]),
-            body_length=length,
-            body_sha256=digest.hexdigest(),
-        )
+        recorded = self._recorded(scope, length, digest.hexdigest())
         self.record.requests.append(recorded)
         return recorded
 
@@ -216,11 +241,18 @@ class UpstreamApp:
             body = b"x" * 1000
             headers = [(b"content-type", b"text/plain")]
         else:
-            import json
-
+            for key, value in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True):
+                if key == "status":
+                    status = int(value)
+                elif key == "type":
+                    headers[0] = (b"content-type", CONTENT_TYPES[value])
+                elif key == "header":
+                    name, _, field_value = value.partition(":")
+                    headers.append((name.strip().encode(), field_value.strip().encode()))
             body = json.dumps(
                 {
                     "method": request.method,
+                    "path": scope["path"],
                     "raw_path": request.raw_path.decode("latin-1"),
                     "query_string": request.query_string.decode("latin-1"),
                     "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.headers],
@@ -284,6 +316,7 @@ class UpstreamApp:
         await send({"type": "http.response.body", "body": body})
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.record.websockets.append(self._recorded(scope, 0, ""))
         await receive()  # websocket.connect
         if scope["path"] == "/ws/reject":
             await send(
@@ -511,9 +544,19 @@ def start_edge(upstream_url: str, policy: Policy | None = None, **overrides: Any
     overrides.setdefault("rate_limit_default", "off")
     overrides.setdefault("max_body_bytes", 1 << 40)
     settings = EdgeSettings(upstream_url=upstream_url, **overrides)
-    proxy = Proxy(settings)
-    config = server_config(settings, build_app(settings, policy or Policy(), proxy))
-    return RunningEdge(ServerThread(config).start(), proxy, settings)
+    app = build_app(settings, policy or Policy())
+    config = server_config(settings, app)
+    return RunningEdge(ServerThread(config).start(), proxy_of(app), settings)
+
+
+def proxy_of(app: ASGIApp) -> Proxy:
+    """The proxy core under the edge's layers (each layer holds the next as `app`), whose
+    upstream pool the tests watch."""
+    layer: Any = app
+    while not isinstance(layer, EdgeApp):
+        layer = layer.app
+    assert isinstance(layer.proxy, Proxy)
+    return layer.proxy
 
 
 @contextlib.contextmanager

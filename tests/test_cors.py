@@ -21,7 +21,6 @@ from tests.concerns_support import (
     ALWAYS_EXPOSED,
     APP_ORIGIN,
     EVIL_ORIGIN,
-    ScriptedUpstream,
     assert_envelope,
     header_pairs,
     tokens,
@@ -330,13 +329,13 @@ def test_sound_origin_settings_are_accepted(overrides: dict[str, object]) -> Non
 
 
 @pytest.fixture(scope="module")
-def ws_edge(scripted: tuple[ServerThread, ScriptedUpstream]) -> Iterator[RunningEdge]:
+def ws_edge(scripted: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
     with running_edge(scripted[0].url, cors_allow_origins=[APP_ORIGIN]) as edge:
         yield edge
 
 
 @pytest.fixture(scope="module")
-def closed_ws_edge(scripted: tuple[ServerThread, ScriptedUpstream]) -> Iterator[RunningEdge]:
+def closed_ws_edge(scripted: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
     """No origin allowed at all."""
     with running_edge(scripted[0].url) as edge:
         yield edge
@@ -361,7 +360,7 @@ def assert_echoes(ws: ClientConnection) -> None:
     "origin", [EVIL_ORIGIN, "https://other.example.com", "null", "http://127.0.0.1:1", "http://localhost"]
 )
 def test_websocket_from_a_disallowed_origin_is_refused_before_the_upstream(
-    ws_edge: RunningEdge, scripted: tuple[ServerThread, ScriptedUpstream], origin: str
+    ws_edge: RunningEdge, scripted: tuple[ServerThread, UpstreamApp], origin: str
 ) -> None:
     path = unique_path("/ws")
     with pytest.raises(InvalidStatus) as refused:
@@ -370,25 +369,25 @@ def test_websocket_from_a_disallowed_origin_is_refused_before_the_upstream(
     assert response.status_code == 403
     headers = [(name.lower(), value) for name, value in response.headers.raw_items()]
     assert_envelope(403, headers, bytes(response.body or b""), "cors_forbidden")
-    assert not scripted[1].saw_path(path), "a refused upgrade reached the upstream"
+    assert not scripted[1].record.saw_path(path), "a refused upgrade reached the upstream"
 
 
 def test_websocket_from_an_allowed_origin_works(
-    ws_edge: RunningEdge, scripted: tuple[ServerThread, ScriptedUpstream]
+    ws_edge: RunningEdge, scripted: tuple[ServerThread, UpstreamApp]
 ) -> None:
     path = unique_path("/ws")
     with open_ws(ws_edge, path, APP_ORIGIN) as ws:
         assert_echoes(ws)
-    assert scripted[1].saw_path(path)
+    assert scripted[1].record.saw_path(path)
 
 
 def test_websocket_from_the_edges_own_origin_works_with_an_empty_allow_list(
-    closed_ws_edge: RunningEdge, scripted: tuple[ServerThread, ScriptedUpstream]
+    closed_ws_edge: RunningEdge, scripted: tuple[ServerThread, UpstreamApp]
 ) -> None:
     path = unique_path("/ws")
     with open_ws(closed_ws_edge, path, f"http://127.0.0.1:{closed_ws_edge.port}") as ws:
         assert_echoes(ws)
-    assert scripted[1].saw_path(path)
+    assert scripted[1].record.saw_path(path)
     # The same allow-list refuses any other origin: the own-origin rule is what let it in.
     with pytest.raises(InvalidStatus) as refused:
         open_ws(closed_ws_edge, unique_path("/ws"), APP_ORIGIN)
@@ -396,14 +395,14 @@ def test_websocket_from_the_edges_own_origin_works_with_an_empty_allow_list(
 
 
 def test_websocket_without_origin_works(
-    closed_ws_edge: RunningEdge, scripted: tuple[ServerThread, ScriptedUpstream]
+    closed_ws_edge: RunningEdge, scripted: tuple[ServerThread, UpstreamApp]
 ) -> None:
     path = unique_path("/ws")
     with open_ws(closed_ws_edge, path, None) as ws:
         assert_echoes(ws)
-    handshakes = [seen for seen in scripted[1].websockets if seen.path == path]
+    handshakes = [seen for seen in scripted[1].record.websockets if seen.raw_path == path.encode()]
     assert len(handshakes) == 1
-    assert not handshakes[0].values("origin")
+    assert not handshakes[0].header(b"origin")
 
 
 # -- the upstream's own CORS headers ------------------------------------------------------------------

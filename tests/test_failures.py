@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from tests.servers import RawUpstream, RunningEdge, UpstreamApp, closed_port, running_edge, wait_until
-from tests.wire import RawResponse, raw_exchange
+from tests.wire import WireResponse, raw_exchange
 
 # What an edge-made response must never show: where the upstream is, what the edge is built
 # on, or how it failed inside.
@@ -78,12 +78,11 @@ def assert_response_reveals_nothing(response: httpx.Response, port: int) -> None
     assert_reveals_nothing(status_line, list(response.headers.raw), response.content, port)
 
 
-def assert_raw_envelope(response: RawResponse, status: int, code: str) -> None:
-    assert response.data, "the edge answered nothing"
-    assert response.status == status, response.data
-    assert response.header(b"content-type") == [b"application/json"], response.data
-    length = response.header(b"content-length")
-    assert length, response.data
+def assert_raw_envelope(response: WireResponse, status: int, code: str) -> None:
+    assert response.status == status, response.head
+    assert response.values("content-type") == [b"application/json"], response.head
+    length = response.values("content-length")
+    assert length, response.head
     body = json.loads(response.body[: int(length[0])])
     assert set(body) == {"error"}, body
     assert set(body["error"]) == {"code", "message", "request_id"}, body
@@ -245,11 +244,12 @@ def test_upstream_dying_mid_body_cuts_the_client_short_at_once(
     raw_edge: RunningEdge, raw_upstream: RawUpstream
 ) -> None:
     path = unique("/die-mid-body")
-    response = raw_exchange(raw_edge.port, f"GET {path} HTTP/1.1\r\nHost: edge\r\n\r\n".encode(), timeout=5.0)
-    assert response.closed, "the edge left the client waiting"
-    assert response.elapsed < 1.0, response.elapsed
+    exchange = raw_exchange(raw_edge.port, f"GET {path} HTTP/1.1\r\nHost: edge\r\n\r\n".encode(), timeout=5.0)
+    assert exchange.closed, "the edge left the client waiting"
+    assert exchange.elapsed < 1.0, exchange.elapsed
+    response = exchange.response
     assert response.status == 200
-    assert response.header(b"content-length") == [b"1000000"]
+    assert response.values("content-length") == [b"1000000"]
     assert len(response.body) < 1_000_000
     assert response.body == b"x" * len(response.body)
 
@@ -258,11 +258,12 @@ def test_upstream_dying_mid_chunked_body_leaves_it_unterminated(
     raw_edge: RunningEdge, raw_upstream: RawUpstream
 ) -> None:
     path = unique("/die-mid-chunked")
-    response = raw_exchange(raw_edge.port, f"GET {path} HTTP/1.1\r\nHost: edge\r\n\r\n".encode(), timeout=5.0)
-    assert response.closed, "the edge left the client waiting"
-    assert response.elapsed < 1.0, response.elapsed
+    exchange = raw_exchange(raw_edge.port, f"GET {path} HTTP/1.1\r\nHost: edge\r\n\r\n".encode(), timeout=5.0)
+    assert exchange.closed, "the edge left the client waiting"
+    assert exchange.elapsed < 1.0, exchange.elapsed
+    response = exchange.response
     assert response.status == 200
-    assert response.header(b"transfer-encoding") == [b"chunked"]
+    assert response.values("transfer-encoding") == [b"chunked"]
     assert b"hello" in response.body
     # The last chunk never came: nothing may look like the end of the body.
     assert not response.body.endswith(b"0\r\n\r\n"), response.body
@@ -342,10 +343,11 @@ def test_ambiguous_framing_is_400_and_never_forwarded(
 ) -> None:
     path = unique(f"/smuggle-{case}")
     request = SMUGGLING[case].replace(b"{path}", path.encode())
-    response = raw_exchange(fast_raw_edge.port, request, timeout=3.0)
+    exchange = raw_exchange(fast_raw_edge.port, request, timeout=3.0)
+    response = exchange.response
     assert_raw_envelope(response, 400, "bad_request")
     assert_reveals_nothing(response.status_line, response.headers, response.body, raw_upstream.port)
-    assert response.closed, "the connection must not be reused after a framing error"
+    assert exchange.closed, "the connection must not be reused after a framing error"
     time.sleep(SETTLE)
     forwarded = [p for p in raw_upstream.requests_seen if p.startswith(path.encode())]
     assert forwarded == [], f"reached the upstream: {forwarded}"
@@ -359,8 +361,8 @@ def test_well_formed_chunked_request_is_forwarded_with_its_body(edge: RunningEdg
         f"POST {path} HTTP/1.1\r\nHost: edge\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
         + b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
     )
-    response = raw_exchange(edge.port, request, timeout=3.0)
-    assert response.status == 200, response.data
+    response = raw_exchange(edge.port, request, timeout=3.0).response
+    assert response.status == 200, response.head
     recorded = [r for r in upstream.record.requests if r.raw_path == path.encode()]
     assert len(recorded) == 1
     assert recorded[0].method == "POST"
@@ -375,7 +377,7 @@ def test_ambiguous_framing_never_reaches_a_real_upstream(edge: RunningEdge, upst
     for case in sorted(SMUGGLING):
         path = unique(f"/smuggle-{case}")
         paths.append(path.encode())
-        response = raw_exchange(edge.port, SMUGGLING[case].replace(b"{path}", path.encode()), timeout=3.0)
+        response = raw_exchange(edge.port, SMUGGLING[case].replace(b"{path}", path.encode()), timeout=3.0).response
         assert_raw_envelope(response, 400, "bad_request")
     time.sleep(SETTLE)
     reached = [p for p in upstream.record.paths() if any(p.startswith(path) for path in paths)]
@@ -452,9 +454,8 @@ def test_wrong_method_on_edge_path_is_405_in_the_envelope_with_allow(edge: Runni
 def test_encoded_edge_path_is_answered_by_the_edge(edge: RunningEdge, upstream: UpstreamApp, raw_path: str) -> None:
     marker = uuid.uuid4().hex
     request = f"GET {raw_path}?probe={marker} HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n".encode()
-    response = raw_exchange(edge.port, request, timeout=3.0)
-    assert response.data, "no answer"
-    assert response.status == 200, response.data
+    response = raw_exchange(edge.port, request, timeout=3.0).response
+    assert response.status == 200, response.head
     assert json.loads(response.body) == {"status": "alive"}
     time.sleep(SETTLE)
     assert recorded_with(upstream, marker) == []

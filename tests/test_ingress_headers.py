@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import pytest
 from websockets.sync.client import connect
 
-from tests.concerns_support import ScriptedUpstream
 from tests.servers import RecordedRequest, RunningEdge, ServerThread, UpstreamApp, running_edge
 from tests.wire import WireClient
 
@@ -148,13 +147,13 @@ def test_a_trusted_proxys_standard_forwarding_headers_are_still_believed(
 
 
 @pytest.fixture(scope="module")
-def scripted_edge(scripted: tuple[ServerThread, ScriptedUpstream]) -> Iterator[RunningEdge]:
+def scripted_edge(scripted: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
     with running_edge(scripted[0].url) as edge:
         yield edge
 
 
 def test_websocket_handshake_is_cleaned_the_same_way(
-    scripted_edge: RunningEdge, scripted: tuple[ServerThread, ScriptedUpstream]
+    scripted_edge: RunningEdge, scripted: tuple[ServerThread, UpstreamApp]
 ) -> None:
     path = f"/ws/{uuid.uuid4().hex}"
     with connect(
@@ -164,8 +163,8 @@ def test_websocket_handshake_is_cleaned_the_same_way(
     ) as websocket:
         websocket.send("hello")
         assert websocket.recv(timeout=5) == "hello"
-    [seen] = [seen for seen in scripted[1].websockets if seen.path == path]
+    [seen] = [seen for seen in scripted[1].record.websockets if seen.raw_path == path.encode()]
     names = {name for name, _ in seen.headers}
-    assert names & {"x-real-ip", "x_forwarded_for"} == set()
-    assert seen.values("x-visible") == ["yes"]
-    assert seen.values("x-forwarded-for") == ["127.0.0.1"]
+    assert names & {b"x-real-ip", b"x_forwarded_for"} == set()
+    assert seen.header(b"x-visible") == [b"yes"]
+    assert seen.header(b"x-forwarded-for") == [b"127.0.0.1"]

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from app.api.routes import MULTIPART_ALLOWANCE
+from app.settings import AppSettings
 from common.settings import ConfigurationError
 from edge.policy import REDACTED, PathRedactor, Policy, RouteRule, RouteTable, load_policy, path_matcher
 
@@ -332,38 +334,31 @@ def table_policy() -> Policy:
     )
 
 
-def test_lookup_returns_the_first_matching_rule_that_sets_the_value() -> None:
-    policy = table_policy()
-    cache_rule, turns, api, v1, uploads = policy.routes
-    limits = RouteTable.from_policy(policy, "default", lambda rule: rule.rate_limit)
+def test_lookup_returns_the_value_of_the_first_matching_rule_that_sets_it() -> None:
+    limits = RouteTable.from_policy(table_policy(), "default", lambda rule: rule.rate_limit)
 
-    assert limits.lookup("POST", "/api/v1/sessions/abc/turns") == ("2/minute", turns)
+    assert limits.lookup("POST", "/api/v1/sessions/abc/turns") == "2/minute"
     # The turns rule is for POST only; the next rule that sets a limit wins.
-    assert limits.lookup("GET", "/api/v1/sessions/abc/turns") == ("50/minute", api)
+    assert limits.lookup("GET", "/api/v1/sessions/abc/turns") == "50/minute"
     # File order, not the most specific path: /api comes before /api/v1.
-    assert limits.lookup("GET", "/api/v1/other") == ("50/minute", api)
+    assert limits.lookup("GET", "/api/v1/other") == "50/minute"
     # The cache-only rule matches too but sets no limit, so it is skipped.
-    assert limits.lookup("GET", "/api") == ("50/minute", api)
-    assert limits.lookup("PUT", "/uploads/a/b") == ("5/minute", uploads)
-    assert limits.lookup("GET", "/uploads/a/b") == ("default", None)
-    assert limits.lookup("GET", "/apix") == ("default", None)
-    assert limits.lookup("GET", "/") == ("default", None)
-    assert v1 not in [limits.lookup(method, "/api/v1")[1] for method in ("GET", "POST", "PUT")]
-    assert bool(limits)
+    assert limits.lookup("GET", "/api") == "50/minute"
+    assert limits.lookup("PUT", "/uploads/a/b") == "5/minute"
+    assert limits.lookup("GET", "/uploads/a/b") == "default"
+    assert limits.lookup("GET", "/apix") == "default"
+    assert limits.lookup("GET", "/") == "default"
+    assert "1/minute" not in [limits.lookup(method, "/api/v1") for method in ("GET", "POST", "PUT")]
 
-    caching = RouteTable.from_policy(policy, None, lambda rule: rule.cache)
-    assert caching.lookup("GET", "/api/v1/sessions/abc/turns") == ("no-store", cache_rule)
-    assert caching.lookup("GET", "/elsewhere") == (None, None)
+    caching = RouteTable.from_policy(table_policy(), None, lambda rule: rule.cache)
+    assert caching.lookup("GET", "/api/v1/sessions/abc/turns") == "no-store"
+    assert caching.lookup("GET", "/elsewhere") is None
 
 
 def test_lookup_with_no_rule_setting_the_value_is_the_default() -> None:
     table = RouteTable.from_policy(table_policy(), 1024, lambda rule: rule.max_body_bytes)
-    assert not table
-    assert table.lookup("POST", "/api/v1/sessions/abc/turns") == (1024, None)
-    assert RouteTable.from_policy(Policy(), "x", lambda rule: rule.rate_limit).lookup("GET", "/") == (
-        "x",
-        None,
-    )
+    assert table.lookup("POST", "/api/v1/sessions/abc/turns") == 1024
+    assert RouteTable.from_policy(Policy(), "x", lambda rule: rule.rate_limit).lookup("GET", "/") == "x"
 
 
 def test_methods_from_a_file_are_matched_whatever_their_case(tmp_path: Path) -> None:
@@ -375,15 +370,18 @@ def test_methods_from_a_file_are_matched_whatever_their_case(tmp_path: Path) -> 
         )
     )
     table = RouteTable.from_policy(policy, "default", lambda rule: rule.rate_limit)
-    assert table.lookup("POST", "/api/x") == ("1/second", policy.routes[0])
-    assert table.lookup("GET", "/api/x") == ("default", None)
+    assert table.lookup("POST", "/api/x") == "1/second"
+    assert table.lookup("GET", "/api/x") == "default"
 
 
 def test_the_shipped_policy_file_is_valid_and_lets_voice_uploads_through() -> None:
+    """A turn's body may be the app's largest recording in its multipart envelope: the app,
+    not the edge, refuses a recording over its limit (tests/test_size_limits.py)."""
     policy = load_policy(Path(__file__).resolve().parent.parent / "config" / "edge-policy.toml")
     body_limits = RouteTable.from_policy(policy, 1024 * 1024, lambda rule: rule.max_body_bytes)
-    assert body_limits.lookup("POST", "/api/v1/sessions/abc/turns")[0] == 10 * 1024 * 1024
-    assert body_limits.lookup("POST", "/api/v1/sessions")[0] == 1024 * 1024
+    app_audio_limit = AppSettings.model_fields["max_audio_bytes"].default
+    assert body_limits.lookup("POST", "/api/v1/sessions/abc/turns") == app_audio_limit + MULTIPART_ALLOWANCE
+    assert body_limits.lookup("POST", "/api/v1/sessions") == 1024 * 1024
 
 
 # -- redaction ------------------------------------------------------------------------------------------

@@ -72,7 +72,8 @@ def write_policy(tmp_path: Path, kind: str) -> Policy:
 
 
 def assert_rate_limited(response: httpx.Response) -> dict[str, object]:
-    """The 429 envelope; returns its `error` object."""
+    """The 429 envelope, whose message says the seconds its `Retry-After` says; returns its
+    `error` object."""
     assert response.status_code == 429, (response.status_code, response.text)
     assert response.headers["content-type"] == "application/json"
     body = response.json()
@@ -80,10 +81,13 @@ def assert_rate_limited(response: httpx.Response) -> dict[str, object]:
     error = body["error"]
     assert set(error) == {"code", "message", "request_id"}, body
     assert error["code"] == "rate_limited"
-    assert isinstance(error["message"], str)
-    assert error["message"]
+    assert error["message"] == f"Too many requests. Retry in {seconds(retry_after(response))}."
     assert error["request_id"] == response.headers["x-request-id"]
     return dict(error)
+
+
+def seconds(count: int) -> str:
+    return "1 second" if count == 1 else f"{count} seconds"
 
 
 def retry_after(response: httpx.Response) -> int:
@@ -482,6 +486,7 @@ def test_websocket_upgrade_over_the_limit_is_refused_with_429_and_retry_after(
     assert len(retry) == 1, f"Retry-After: {retry!r} in {dict(response.headers)}"
     assert retry[0].isdigit()
     assert 1 <= int(retry[0]) <= 60
+    assert body["error"]["message"] == f"Too many requests. Retry in {seconds(int(retry[0]))}."
     policies = response.headers.get_all("ratelimit-policy")
     assert [parse_sf_list(value) for value in policies] == [[("default-1m", {"q": 1, "w": 60})]]
 

@@ -28,7 +28,7 @@ import pytest
 
 from tests.servers import RecordedRequest, RunningEdge, UpstreamApp
 from tests.test_failures import assert_raw_envelope
-from tests.wire import RawResponse, raw_exchange, read_until_closed
+from tests.wire import RawExchange, WireResponse, raw_exchange, read_until_closed
 
 # Time for a request the edge should not have forwarded to reach the upstream anyway. The
 # edge answers a forwarded request only after the upstream recorded it, so a refusal that
@@ -98,23 +98,24 @@ def assert_refused(
     *,
     probe: Probe,
     echoed_id: str | None,
-) -> RawResponse:
+) -> WireResponse:
     """`request` (already rendered for `probe`) is refused with `status`/`code` in the envelope,
     with everything a refusal carries, and never reaches the upstream."""
     refused_probes.append(probe)
-    response = raw_exchange(edge.port, request, timeout=3.0)
+    exchange = raw_exchange(edge.port, request, timeout=3.0)
+    response = exchange.response
     assert_raw_envelope(response, status, code)
-    assert response.closed, "a refusal must close the connection"
-    assert response.header(b"connection") == [b"close"], response.head
-    assert response.header(b"cache-control") == [b"no-store"], response.head
+    assert exchange.closed, "a refusal must close the connection"
+    assert response.values("connection") == [b"close"], response.head
+    assert response.values("cache-control") == [b"no-store"], response.head
     for name, value in expected_security_headers(edge).items():
-        assert response.header(name) == [value], (name, response.head)
-    assert response.header(b"content-security-policy"), response.head
-    assert b"default-src 'none'" in response.header(b"content-security-policy")[0]
+        assert response.values(name.decode()) == [value], (name, response.head)
+    assert response.values("content-security-policy"), response.head
+    assert b"default-src 'none'" in response.values("content-security-policy")[0]
     # One response, then the end: nothing of the refused bytes was answered a second time.
-    length = int(response.header(b"content-length")[0])
-    assert len(response.body) == length, response.data
-    ids = response.header(b"x-request-id")
+    length = int(response.values("content-length")[0])
+    assert len(response.body) == length, exchange.data
+    ids = response.values("x-request-id")
     assert len(ids) == 1, response.head
     assert json.loads(response.body)["error"]["request_id"] == ids[0].decode()
     if echoed_id is not None:
@@ -133,7 +134,7 @@ def refuse(
     template: bytes,
     status: int,
     code: str,
-) -> RawResponse:
+) -> WireResponse:
     """`template` with `{path}` and `{id}` (its `X-Request-ID`, which must come back) filled in."""
     probe = Probe()
     echoed = probe.request_id if b"{id}" in template else None
@@ -142,14 +143,14 @@ def refuse(
     )
 
 
-def forward_one(edge: RunningEdge, upstream: UpstreamApp, template: bytes) -> tuple[RawResponse, RecordedRequest]:
+def forward_one(edge: RunningEdge, upstream: UpstreamApp, template: bytes) -> tuple[RawExchange, RecordedRequest]:
     """`template` is answered 200 by the upstream, which saw it exactly once."""
     probe = Probe()
-    response = raw_exchange(edge.port, probe.render(template), timeout=3.0)
-    assert response.status == 200, response.data
+    exchange = raw_exchange(edge.port, probe.render(template), timeout=3.0)
+    assert exchange.response.status == 200, exchange.data
     records = forwarded(upstream, probe)
     assert len(records) == 1, records
-    return response, records[0]
+    return exchange, records[0]
 
 
 # -- versions ------------------------------------------------------------------------------------------
@@ -253,8 +254,8 @@ def test_host_with_trailing_whitespace_is_forwarded(edge: RunningEdge, upstream:
 def test_http_1_0_without_host_is_forwarded_with_the_upstreams_authority(
     edge: RunningEdge, upstream: UpstreamApp
 ) -> None:
-    response, record = forward_one(edge, upstream, b"GET {path}?v=10 HTTP/1.0\r\n\r\n")
-    assert response.closed  # HTTP/1.0: the response ends the connection
+    exchange, record = forward_one(edge, upstream, b"GET {path}?v=10 HTTP/1.0\r\n\r\n")
+    assert exchange.closed  # HTTP/1.0: the response ends the connection
     assert record.query_string == b"v=10"
     assert record.header(b"host") == [edge.proxy.pool.origin.authority]
 
@@ -281,8 +282,9 @@ def test_absolute_form_agreeing_with_host_is_forwarded_as_origin_form(
 ) -> None:
     probe = Probe()
     request = b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
-    response = raw_exchange(edge.port, probe.render(request), timeout=3.0)
-    assert response.status == 200, response.data
+    exchange = raw_exchange(edge.port, probe.render(request), timeout=3.0)
+    response = exchange.response
+    assert response.status == 200, exchange.data
     records = forwarded(upstream, probe)
     assert len(records) == 1
     assert records[0].raw_path == probe.path.encode() + path_suffix
@@ -293,8 +295,9 @@ def test_absolute_form_agreeing_with_host_is_forwarded_as_origin_form(
 def test_absolute_form_without_a_path_is_forwarded_as_slash(edge: RunningEdge, upstream: UpstreamApp) -> None:
     probe = Probe()
     request = b"GET http://a?m={id} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-    response = raw_exchange(edge.port, probe.render(request), timeout=3.0)
-    assert response.status == 200, response.data
+    exchange = raw_exchange(edge.port, probe.render(request), timeout=3.0)
+    response = exchange.response
+    assert response.status == 200, exchange.data
     records = forwarded(upstream, probe)
     assert [(r.raw_path, r.query_string) for r in records] == [(b"/", b"m=" + probe.request_id.encode())]
 
@@ -359,15 +362,16 @@ def test_options_asterisk_is_answered_by_the_edge(edge: RunningEdge, upstream: U
         b"OPTIONS * HTTP/1.1\r\nHost: a\r\nX-Request-ID: {id}\r\n\r\n"
         b"GET {path}/after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
-    response = raw_exchange(edge.port, request, timeout=3.0)
-    assert response.status_line == b"HTTP/1.1 204 No Content", response.data
-    allow = response.header(b"allow")
+    exchange = raw_exchange(edge.port, request, timeout=3.0)
+    response = exchange.response
+    assert response.status_line == b"HTTP/1.1 204 No Content", exchange.data
+    allow = response.values("allow")
     assert len(allow) == 1
     assert {method.strip() for method in allow[0].decode().split(",")} == ALLOWED_METHODS
-    assert response.header(b"content-length") in ([], [b"0"])
-    assert response.header(b"x-request-id") == [probe.request_id.encode()]
+    assert response.values("content-length") in ([], [b"0"])
+    assert response.values("x-request-id") == [probe.request_id.encode()]
     # A 204 has no body: what follows its head is the answer to the pipelined request.
-    assert response.body.startswith(b"HTTP/1.1 200 OK\r\n"), response.data
+    assert response.body.startswith(b"HTTP/1.1 200 OK\r\n"), exchange.data
     records = forwarded(upstream, probe)
     assert [record.raw_path for record in records] == [probe.path.encode() + b"/after"]
     assert records[0].method == "GET"
@@ -375,9 +379,10 @@ def test_options_asterisk_is_answered_by_the_edge(edge: RunningEdge, upstream: U
 
 def test_options_asterisk_in_http_1_0_is_answered_by_the_edge(edge: RunningEdge, upstream: UpstreamApp) -> None:
     probe = Probe()
-    response = raw_exchange(edge.port, probe.render(b"OPTIONS * HTTP/1.0\r\nX-Request-ID: {id}\r\n\r\n"))
-    assert response.status == 204, response.data
-    assert response.header(b"allow")
+    exchange = raw_exchange(edge.port, probe.render(b"OPTIONS * HTTP/1.0\r\nX-Request-ID: {id}\r\n\r\n"))
+    response = exchange.response
+    assert response.status == 204, exchange.data
+    assert response.values("allow")
     time.sleep(SETTLE)
     assert forwarded(upstream, probe) == []
 
@@ -555,13 +560,14 @@ def test_head_that_never_ends_is_431(edge: RunningEdge, upstream: UpstreamApp, r
         # and keep everything sent so far in memory.
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(b"a" * (limit + 65536))
-        data, closed = read_until_closed(sock)
-    response = RawResponse(data, closed, elapsed=0.0)
+        data, _ = read_until_closed(sock)
+    response = WireResponse.unframed(data)
     assert_raw_envelope(response, 431, "headers_too_large")
-    assert response.header(b"connection") == [b"close"]
-    assert response.header(b"x-request-id") == [probe.request_id.encode()]
+    assert response.json()["error"]["message"] == f"The request headers are larger than {limit:,} bytes."
+    assert response.values("connection") == [b"close"]
+    assert response.values("x-request-id") == [probe.request_id.encode()]
     for name, value in expected_security_headers(edge).items():
-        assert response.header(name) == [value], name
+        assert response.values(name.decode()) == [value], name
     time.sleep(SETTLE)
     assert forwarded(upstream, probe) == []
 
@@ -573,8 +579,9 @@ def test_large_body_right_behind_a_small_head_is_not_mistaken_for_a_large_head(
     body = b"x" * (3 * 1024 * 1024)
     probe = Probe()
     head = probe.render(b"POST {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n")
-    response = raw_exchange(edge.port, head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    assert response.status == 200, response.data[:300]
+    exchange = raw_exchange(edge.port, head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    response = exchange.response
+    assert response.status == 200, exchange.data[:300]
     (record,) = forwarded(upstream, probe)
     assert record.body_length == len(body)
 
@@ -587,15 +594,15 @@ def test_refusal_of_a_pipelined_request_comes_after_the_answer_to_the_one_before
     request = first.render(b"GET {path} HTTP/1.1\r\nHost: a\r\n\r\n") + second.render(
         b"GET {path} HTTP/1.1\r\nHost: a\r\nHost: b\r\nX-Request-ID: {id}\r\n\r\n"
     )
-    response = raw_exchange(edge.port, request, timeout=3.0)
-    assert response.status == 200, response.data
-    assert response.closed
-    _, _, rest = response.data.partition(b"\r\n\r\n")
-    length = int(response.header(b"content-length")[0])
-    refusal = RawResponse(rest[length:], closed=True, elapsed=0.0)
+    exchange = raw_exchange(edge.port, request, timeout=3.0)
+    response = exchange.response
+    assert response.status == 200, exchange.data
+    assert exchange.closed
+    length = int(response.values("content-length")[0])
+    refusal = WireResponse.unframed(response.body[length:])
     assert_raw_envelope(refusal, 400, "bad_request")
-    assert refusal.header(b"x-request-id") == [second.request_id.encode()]
-    assert refusal.header(b"connection") == [b"close"]
+    assert refusal.values("x-request-id") == [second.request_id.encode()]
+    assert refusal.values("connection") == [b"close"]
     time.sleep(SETTLE)
     assert len(forwarded(upstream, first)) == 1
     assert forwarded(upstream, second) == []
@@ -644,9 +651,10 @@ def test_h2c_upgrade_is_forwarded_as_a_plain_get(edge: RunningEdge, upstream: Up
         b"GET {path}/next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
     )
     probe = Probe()
-    response = raw_exchange(edge.port, probe.render(template), timeout=3.0)
-    assert response.status == 200, response.data  # not 101: the upgrade is ignored
-    assert b"HTTP/1.1 101" not in response.data
+    exchange = raw_exchange(edge.port, probe.render(template), timeout=3.0)
+    response = exchange.response
+    assert response.status == 200, exchange.data  # not 101: the upgrade is ignored
+    assert b"HTTP/1.1 101" not in exchange.data
     records = forwarded(upstream, probe)
     assert [r.raw_path for r in records] == [probe.path.encode(), probe.path.encode() + b"/next"]
     first = records[0]
@@ -669,8 +677,9 @@ def test_h2c_upgrade_with_a_body_forwards_the_body_not_a_second_request(
         + smuggled
         + probe.render(b"GET {path}/next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     )
-    response = raw_exchange(edge.port, request, timeout=3.0)
-    assert response.status == 200, response.data
+    exchange = raw_exchange(edge.port, request, timeout=3.0)
+    response = exchange.response
+    assert response.status == 200, exchange.data
     records = forwarded(upstream, probe)
     assert [r.raw_path for r in records] == [probe.path.encode(), probe.path.encode() + b"/next"]
     assert records[0].method == "POST"
@@ -700,8 +709,9 @@ def test_content_length_request_is_forwarded_with_its_exact_body(edge: RunningEd
     probe = Probe()
     body = probe.render(b"GET {path}/smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
     head = b"POST {path} HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-    response = raw_exchange(edge.port, probe.render(head) + body, timeout=3.0)
-    assert response.status == 200, response.data
+    exchange = raw_exchange(edge.port, probe.render(head) + body, timeout=3.0)
+    response = exchange.response
+    assert response.status == 200, exchange.data
     records = forwarded(upstream, probe)
     assert [r.raw_path for r in records] == [probe.path.encode()]
     assert records[0].header(b"content-length") == [str(len(body)).encode()]

@@ -1,7 +1,7 @@
 """What the edge adds to responses: security headers, request ids, the cache policy, and the
 outer layers' headers on the responses the edge makes itself.
 
-The upstream is either the shared `UpstreamApp` or a `ScriptedUpstream` told through the
+The upstream is an `UpstreamApp`, the shared one or the module's own, told through the
 query string to serve HTML, set its own headers or fail; every exchange crosses loopback.
 """
 
@@ -20,8 +20,6 @@ from tests.concerns_support import (
     API_CSP,
     APP_ORIGIN,
     EVIL_ORIGIN,
-    RawConnection,
-    ScriptedUpstream,
     assert_api_security_headers,
     assert_common_security_headers,
     assert_envelope,
@@ -34,7 +32,8 @@ from tests.concerns_support import (
     unique_path,
     uuid7_millis,
 )
-from tests.servers import RawUpstream, RunningEdge, ServerThread, closed_port, running_edge
+from tests.servers import RawUpstream, RunningEdge, ServerThread, UpstreamApp, closed_port, running_edge
+from tests.wire import WireClient
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 SHARED = "public, max-age=600"
@@ -43,7 +42,7 @@ HEADER_COUNT_LIMIT = 20
 
 
 @pytest.fixture(scope="module")
-def scripted_edge(scripted: tuple[ServerThread, ScriptedUpstream]) -> Iterator[RunningEdge]:
+def scripted_edge(scripted: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
     """Development, one allowed origin, `/media/**` and `/shared/**` cache rules, small size limits."""
     policy = Policy(routes=[RouteRule(path="/media/**", cache="immutable"), RouteRule(path="/shared/**", cache=SHARED)])
     with running_edge(
@@ -57,13 +56,13 @@ def scripted_edge(scripted: tuple[ServerThread, ScriptedUpstream]) -> Iterator[R
 
 
 @pytest.fixture(scope="module")
-def production_edge(scripted: tuple[ServerThread, ScriptedUpstream]) -> Iterator[RunningEdge]:
+def production_edge(scripted: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
     with running_edge(scripted[0].url, environment="production") as edge:
         yield edge
 
 
 @pytest.fixture(scope="module")
-def custom_csp_edge(scripted: tuple[ServerThread, ScriptedUpstream]) -> Iterator[RunningEdge]:
+def custom_csp_edge(scripted: tuple[ServerThread, UpstreamApp]) -> Iterator[RunningEdge]:
     with running_edge(scripted[0].url, content_security_policy="default-src 'self'") as edge:
         yield edge
 
@@ -182,10 +181,10 @@ def answer(response: httpx.Response) -> Answer:
 
 
 def raw_answer(edge: RunningEdge, head: bytes) -> Answer:
-    with RawConnection(edge.port) as connection:
+    with WireClient(edge.port) as connection:
         connection.send(head)
         response = connection.read_response()
-    return response.status, response.headers, response.body
+    return response.status, header_pairs(response), response.body
 
 
 def bad_gateway(request: pytest.FixtureRequest, origin: list[tuple[str, str]]) -> Answer:
@@ -307,28 +306,28 @@ def test_invalid_incoming_request_id_is_replaced_by_a_uuid7(scripted_edge: Runni
 
 
 def test_request_id_with_a_carriage_return_never_survives(
-    scripted_edge: RunningEdge, scripted: tuple[ServerThread, ScriptedUpstream]
+    scripted_edge: RunningEdge, scripted: tuple[ServerThread, UpstreamApp]
 ) -> None:
     # A bare CR inside a field value may be refused outright (RFC 9110 section 5.5); either
     # way the id is the edge's own and the injected value reaches nobody.
     marker = unique_path("").strip("/")
     path = unique_path()
     head = f"GET {path} HTTP/1.1\r\nHost: x\r\nX-Request-ID: {marker}\rinjected\r\nConnection: close\r\n\r\n"
-    with RawConnection(scripted_edge.port) as connection:
+    with WireClient(scripted_edge.port) as connection:
         connection.send(head.encode())
         response = connection.read_response()
     assert response.status in (200, 400)
-    echoed = response.values("x-request-id")
+    echoed = [value.decode() for value in response.values("x-request-id")]
     assert len(echoed) == 1
     assert is_uuid7(echoed[0]), echoed
-    for seen in scripted[1].requests:
-        assert not any(marker in value for _, value in seen.headers), "the injected id was forwarded"
+    for seen in scripted[1].record.requests:
+        assert not any(marker.encode() in value for _, value in seen.headers), "the injected id was forwarded"
     if response.status == 200:
         assert response.json()["path"] == path
         assert [value for name, value in response.json()["headers"] if name == "x-request-id"] == echoed
     else:
-        assert not scripted[1].saw_path(path)
-        assert_envelope(400, response.headers, response.body, "bad_request")
+        assert not scripted[1].record.saw_path(path)
+        assert_envelope(400, header_pairs(response), response.body, "bad_request")
 
 
 def test_request_id_is_generated_when_absent(scripted_edge: RunningEdge) -> None:

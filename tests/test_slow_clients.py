@@ -899,7 +899,8 @@ def test_exchanges_beyond_the_per_client_cap_get_429_at_once(upstream_server: tu
                 started = time.monotonic()
                 response = fourth.exchange(post_head(f"/echo?id={refused_mark}", 1000))
                 took = time.monotonic() - started
-            assert_error(response, 429, "too_many_concurrent_requests")
+            error = assert_error(response, 429, "too_many_concurrent_requests")
+            assert error["message"] == "Too many requests at once from this client. Retry in 1 second."
             assert response.values("retry-after") == [b"1"]
             assert took < PROMPT
             assert not seen_by_upstream(upstream, refused_mark)
@@ -936,7 +937,8 @@ def test_exchange_cap_behind_a_trusted_proxy_counts_each_forwarded_client(
                 started = time.monotonic()
                 response = third.exchange(get("/echo?third", first))
                 took = time.monotonic() - started
-            assert_error(response, 429, "too_many_concurrent_requests")
+            error = assert_error(response, 429, "too_many_concurrent_requests")
+            assert error["message"] == "Too many requests at once from this client. Retry in 1 second."
             assert response.values("retry-after") == [b"1"]
             assert took < PROMPT
             # An untrusted peer naming the same client is not believed: it is itself.

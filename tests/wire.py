@@ -13,10 +13,25 @@ from typing import Any, Self
 
 @dataclass
 class WireResponse:
+    """One response as it came off the wire: the head exactly as sent, header names as they
+    came, and the body as its framing delimits it - or, read `unframed`, every byte after
+    the head, for a response cut short or followed by another."""
+
     status: int
     head: bytes
     headers: list[tuple[bytes, bytes]]  # names exactly as they came off the wire
     body: bytes
+
+    @classmethod
+    def unframed(cls, data: bytes) -> WireResponse:
+        """The first head in `data`, with everything after it as the body."""
+        head, separator, body = data.partition(b"\r\n\r\n")
+        assert separator, f"no complete response head: {data[:200]!r}"
+        return _with_head(head, body)
+
+    @property
+    def status_line(self) -> bytes:
+        return self.head.split(b"\r\n", 1)[0]
 
     def values(self, name: str) -> list[bytes]:
         wanted = name.encode("ascii").lower()
@@ -24,6 +39,17 @@ class WireResponse:
 
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+def _with_head(head: bytes, body: bytes) -> WireResponse:
+    status_line, *lines = head.split(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 "), f"not a status line: {status_line[:200]!r}"
+    headers = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        assert colon, f"not a header line: {line!r}"
+        headers.append((name, value.strip()))
+    return WireResponse(int(status_line.split(b" ")[1]), head, headers, body)
 
 
 class WireClient:
@@ -69,16 +95,8 @@ class WireClient:
         return data
 
     def read_response(self, *, head_request: bool = False) -> WireResponse:
-        head = self._read_until(b"\r\n\r\n")
-        status_line, *lines = head.split(b"\r\n")
-        assert status_line.startswith(b"HTTP/1.1 "), f"not a status line: {status_line[:200]!r}"
-        status = int(status_line.split(b" ")[1])
-        headers = []
-        for line in lines:
-            name, colon, value = line.partition(b":")
-            assert colon, f"not a header line: {line!r}"
-            headers.append((name, value.strip()))
-        response = WireResponse(status, head, headers, b"")
+        response = _with_head(self._read_until(b"\r\n\r\n"), b"")
+        status = response.status
         if head_request or status in (204, 304) or 100 <= status < 200:
             return response
         if b"chunked" in b",".join(response.values("transfer-encoding")).lower():
@@ -126,7 +144,7 @@ class WireClient:
 
 
 @dataclass
-class RawResponse:
+class RawExchange:
     """Whatever came back on a raw socket until the edge closed it (or the wait ran out)."""
 
     data: bytes
@@ -134,31 +152,10 @@ class RawResponse:
     elapsed: float
 
     @property
-    def head(self) -> bytes:
-        return self.data.partition(b"\r\n\r\n")[0]
-
-    @property
-    def body(self) -> bytes:
-        return self.data.partition(b"\r\n\r\n")[2]
-
-    @property
-    def status_line(self) -> bytes:
-        return self.head.split(b"\r\n", 1)[0]
-
-    @property
-    def status(self) -> int:
-        return int(self.status_line.split(b" ")[1])
-
-    @property
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        fields = []
-        for line in self.head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            fields.append((name.strip().lower(), value.strip()))
-        return fields
-
-    def header(self, name: bytes) -> list[bytes]:
-        return [value for key, value in self.headers if key == name]
+    def response(self) -> WireResponse:
+        """The first response, unframed: everything after its head is its body."""
+        assert self.data, "the edge answered nothing"
+        return WireResponse.unframed(self.data)
 
 
 def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes, bool]:
@@ -180,10 +177,10 @@ def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> tuple[bytes,
     return bytes(received), False
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> RawResponse:
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> RawExchange:
     """Sends `data` in one write and reads until the edge closes the connection."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         started = time.monotonic()
         sock.sendall(data)
         received, closed = read_until_closed(sock, timeout)
-        return RawResponse(received, closed, time.monotonic() - started)
+        return RawExchange(received, closed, time.monotonic() - started)

@@ -16,9 +16,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge.concerns.rate_limit import DECISION_SCOPE_KEY
 from edge.policy import PathRedactor
-from edge.proxy import UPSTREAM_STATUS_SCOPE_KEY
+from edge.scope import RATE_LIMIT_DECISION_SCOPE_KEY, UPSTREAM_STATUS_SCOPE_KEY, is_edge_path
 
 logger = logging.getLogger("edge.access")
 
@@ -64,7 +63,7 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive_counting, send_counting)
         finally:
-            level = logging.DEBUG if scope["path"].startswith("/_edge/") else logging.INFO
+            level = logging.DEBUG if is_edge_path(scope["path"]) else logging.INFO
             if logger.isEnabledFor(level):
                 client = scope.get("client")
                 method = scope.get("method", "GET")
@@ -84,6 +83,6 @@ class AccessLogMiddleware:
                         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                         "client": client[0] if client else None,
                         "upstream_status": scope.get(UPSTREAM_STATUS_SCOPE_KEY),
-                        "rate_limit": scope.get(DECISION_SCOPE_KEY),
+                        "rate_limit": scope.get(RATE_LIMIT_DECISION_SCOPE_KEY),
                     },
                 )

@@ -46,7 +46,7 @@ class CachePolicyMiddleware:
             return
 
         path = scope["path"]
-        by_path, _ = self.rules.lookup(scope["method"], path)
+        by_path = self.rules.lookup(scope["method"], path)
         if by_path is None:
             if path.startswith(self.api_prefixes):
                 by_path = NO_STORE

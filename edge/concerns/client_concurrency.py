@@ -2,7 +2,7 @@
 
 A client (the address resolved through `EDGE_TRUSTED_PROXIES`) may have at most
 `EDGE_MAX_EXCHANGES_PER_CLIENT` requests in flight through the edge; one more is answered
-429 with `Retry-After: 1` at once, before its body is read. nginx's `limit_conn` is the
+429 with `Retry-After: 1` ("Retry in 1 second.") at once, before its body is read. nginx's `limit_conn` is the
 model. The edge's own `/_edge/` endpoints are not counted. See docs/edge.md.
 """
 
@@ -11,9 +11,13 @@ from __future__ import annotations
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edge import errors
+from edge.scope import is_edge_path
 
-EXEMPT_PREFIX = "/_edge/"
-RETRY_AFTER = [(b"retry-after", b"1")]
+# An exchange in flight usually ends within a second; a client told to wait longer would
+# wait for nothing.
+RETRY_AFTER_SECONDS = 1
+REFUSAL = errors.too_many_concurrent_requests(RETRY_AFTER_SECONDS)
+RETRY_AFTER = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
 
 
 class ClientConcurrencyMiddleware:
@@ -23,14 +27,14 @@ class ClientConcurrencyMiddleware:
         self._in_flight: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(EXEMPT_PREFIX):
+        if scope["type"] != "http" or is_edge_path(scope["path"]):
             await self.app(scope, receive, send)
             return
 
         client = scope["client"][0] if scope.get("client") else ""
         count = self._in_flight.get(client, 0)
         if count >= self.max_exchanges:
-            await errors.send_error(scope, send, errors.TOO_MANY_CONCURRENT_REQUESTS, RETRY_AFTER)
+            await errors.send_error(scope, send, REFUSAL, RETRY_AFTER)
             return
         self._in_flight[client] = count + 1
         try:

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
-from edge.proxy.headers import Headers
-from edge.proxy.ingress import FORWARDED_SCOPE_KEY, ForwardedRequest
+from edge.proxy.ingress import ForwardedRequest
+from edge.scope import FORWARDED_SCOPE_KEY, Headers
 
 # Always readable by a page on an allowed origin: ids and limits are for clients too.
 ALWAYS_EXPOSED = ("X-Request-ID", "RateLimit", "RateLimit-Policy", "Retry-After")
@@ -46,7 +46,6 @@ class CorsMiddleware:
         self.subdomain_patterns = [_subdomain_pattern(origin) for origin in allow_origins if "*." in origin]
         self.allow_methods = frozenset(allow_methods)
         self.allow_headers = frozenset(header.lower() for header in allow_headers)
-        self.allow_credentials = allow_credentials
 
         exposed = list(dict.fromkeys([*ALWAYS_EXPOSED, *expose_headers]))
         self.simple_headers: Headers = [(b"access-control-expose-headers", ", ".join(exposed).encode())]

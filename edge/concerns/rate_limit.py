@@ -43,19 +43,16 @@ from edge import errors
 from edge.concerns.rate_limit_memory import MemoryCounters
 from edge.health import State
 from edge.policy import Policy, RouteRule, RouteTable
-from edge.proxy.headers import Headers
+from edge.scope import RATE_LIMIT_DECISION_SCOPE_KEY, Headers, is_edge_path
 from edge.settings import RateLimitStrategy, StoreErrorPolicy
 
 logger = logging.getLogger("edge.rate_limit")
-
-DECISION_SCOPE_KEY = "edge.rate_limit"
 
 ASYNC_STRATEGIES: dict[RateLimitStrategy, type[RateLimiter]] = {
     RateLimitStrategy.moving_window: MovingWindowRateLimiter,
     RateLimitStrategy.sliding_window_counter: SlidingWindowCounterRateLimiter,
     RateLimitStrategy.fixed_window: FixedWindowRateLimiter,
 }
-EXEMPT_PREFIX = "/_edge/"
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,17 +244,17 @@ class RateLimitMiddleware:
         self.decisions = meter.create_counter("edge.rate_limit.decisions", description="Rate-limit decisions")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"].startswith(EXEMPT_PREFIX):
+        if scope["type"] not in ("http", "websocket") or is_edge_path(scope["path"]):
             await self.app(scope, receive, send)
             return
-        route, _ = self.routes.lookup(scope.get("method", "GET"), scope["path"])
+        route = self.routes.lookup(scope.get("method", "GET"), scope["path"])
         if not route.quotas:
             await self.app(scope, receive, send)
             return
 
         verdict = await self.store.check(route.quotas, _identifiers(scope, route))
         decision = f"dry_run_{verdict.decision}" if self.dry_run else verdict.decision
-        scope[DECISION_SCOPE_KEY] = decision
+        scope[RATE_LIMIT_DECISION_SCOPE_KEY] = decision
         self.decisions.add(1, {"decision": decision})
         if self.dry_run:
             if not verdict.allowed:
@@ -298,9 +295,9 @@ class RateLimitMiddleware:
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, verdict: Verdict, headers: Headers) -> None:
         if verdict.decision == "limited":
-            error = errors.RATE_LIMITED
             _, _, reset = verdict.windows[-1]
             retry_after = max(1, _seconds_until(reset, time.time()))
+            error = errors.rate_limited(retry_after)
         else:
             error = errors.RATE_LIMIT_UNAVAILABLE
             retry_after = 1

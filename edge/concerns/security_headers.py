@@ -18,7 +18,7 @@ from __future__ import annotations
 import secure
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge.proxy.headers import Headers
+from edge.scope import Headers
 
 REMOVED = frozenset({b"server", b"x-powered-by"})
 

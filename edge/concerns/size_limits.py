@@ -8,6 +8,8 @@
   proxy is told the client is gone (it closes the upstream exchange) and the client gets
   413. Either way the connection is closed after the answer rather than drained.
 
+Each refusal names the limit it is over ("The request body is larger than 1,048,576 bytes.").
+
 The body limit is `EDGE_MAX_BODY_BYTES`, or a route's `max_body_bytes` in the policy file.
 """
 
@@ -17,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
 from edge.policy import RouteTable
-from edge.server.request_head import CLIENT_HEAD_EXTENSION
+from edge.scope import CLIENT_HEAD_EXTENSION
 
 CLOSE = [(b"connection", b"close")]
 
@@ -30,6 +32,8 @@ class SizeLimitMiddleware:
         self.body_limits = body_limits
         self.max_header_count = max_header_count
         self.max_header_bytes = max_header_bytes
+        self.too_many_fields = errors.too_many_header_fields(max_header_count)
+        self.too_many_bytes = errors.headers_too_large(max_header_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -45,20 +49,21 @@ class SizeLimitMiddleware:
                 chunked = True
         client_head: dict[str, int] = scope["extensions"][CLIENT_HEAD_EXTENSION]
         if client_head["fields"] > self.max_header_count or client_head["bytes"] > self.max_header_bytes:
+            error = self.too_many_fields if client_head["fields"] > self.max_header_count else self.too_many_bytes
             if scope["type"] == "websocket":
                 await receive()  # websocket.connect
-                await errors.deny_websocket(scope, send, errors.HEADERS_TOO_LARGE)
+                await errors.deny_websocket(scope, send, error)
             else:
-                await errors.send_error(scope, send, errors.HEADERS_TOO_LARGE, CLOSE)
+                await errors.send_error(scope, send, error, CLOSE)
             return
         if scope["type"] == "websocket" or (declared_length is None and not chunked):
             await self.app(scope, receive, send)  # no body
             return
 
-        limit, _ = self.body_limits.lookup(scope["method"], scope["path"])
+        limit = self.body_limits.lookup(scope["method"], scope["path"])
         if declared_length is not None:
             if not declared_length.isdigit() or int(declared_length) > limit:
-                await errors.send_error(scope, send, errors.PAYLOAD_TOO_LARGE, CLOSE)
+                await errors.send_error(scope, send, errors.payload_too_large(limit), CLOSE)
                 return
             # The server enforces a declared length itself; nothing to count.
             await self.app(scope, receive, send)
@@ -89,4 +94,4 @@ class SizeLimitMiddleware:
 
         await self.app(scope, receive_counting, send_tracking)
         if exceeded and not response_started:
-            await errors.send_error(scope, send, errors.PAYLOAD_TOO_LARGE, CLOSE)
+            await errors.send_error(scope, send, errors.payload_too_large(limit), CLOSE)

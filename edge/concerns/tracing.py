@@ -15,7 +15,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge.policy import PathRedactor
-from edge.proxy.ingress import FORWARDED_SCOPE_KEY, ForwardedRequest
+from edge.proxy.ingress import ForwardedRequest
+from edge.scope import FORWARDED_SCOPE_KEY
 
 TRACE_HEADERS = frozenset({b"traceparent", b"tracestate"})
 propagator = TraceContextTextMapPropagator()

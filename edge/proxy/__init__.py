@@ -4,31 +4,39 @@ from __future__ import annotations
 
 from starlette.types import Receive, Scope, Send
 
-from edge.proxy.forward import UPSTREAM_STATUS_SCOPE_KEY, HttpForwarder
+from edge.proxy.forward import HttpForwarder
 from edge.proxy.upstream import Origin, UpstreamPool
 from edge.proxy.websocket import WebSocketForwarder
-from edge.settings import EdgeSettings
 
-__all__ = ["UPSTREAM_STATUS_SCOPE_KEY", "Proxy"]
+__all__ = ["Proxy"]
 
 
 class Proxy:
-    """Forwards HTTP exchanges and WebSocket sessions to the upstream."""
+    """Forwards HTTP exchanges and WebSocket sessions to the upstream at `upstream_url`
+    (docs/proxy.md says what each limit is for)."""
 
-    def __init__(self, settings: EdgeSettings) -> None:
-        origin = Origin.from_url(settings.upstream_url)
+    def __init__(
+        self,
+        upstream_url: str,
+        *,
+        pool_size: int,
+        connect_timeout: float,
+        read_timeout: float,
+        idle_timeout: float,
+        request_buffer_bytes: int,
+        ws_max_message_bytes: int,
+    ) -> None:
+        origin = Origin.from_url(upstream_url)
         self.pool = UpstreamPool(
             origin,
-            size=settings.upstream_pool_size,
-            connect_timeout=settings.upstream_connect_timeout,
-            read_timeout=settings.upstream_read_timeout,
-            idle_timeout=settings.upstream_idle_timeout,
+            size=pool_size,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            idle_timeout=idle_timeout,
         )
-        self.http = HttpForwarder(self.pool, buffer_bytes=settings.request_buffer_bytes)
+        self.http = HttpForwarder(self.pool, buffer_bytes=request_buffer_bytes)
         self.websocket = WebSocketForwarder(
-            origin,
-            connect_timeout=settings.upstream_connect_timeout,
-            max_message_bytes=settings.ws_max_message_bytes,
+            origin, connect_timeout=connect_timeout, max_message_bytes=ws_max_message_bytes
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

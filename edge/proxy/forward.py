@@ -24,8 +24,8 @@ from typing import Literal
 from starlette.types import Message, Receive, Scope, Send
 
 from edge import errors
-from edge.proxy.headers import RESPONSE_HOP_BY_HOP, Headers, removable_fields
-from edge.proxy.ingress import FORWARDED_SCOPE_KEY, ForwardedRequest
+from edge.proxy.headers import RESPONSE_HOP_BY_HOP, removable_fields
+from edge.proxy.ingress import ForwardedRequest
 from edge.proxy.upstream import (
     PoolExhausted,
     StaleConnection,
@@ -35,6 +35,7 @@ from edge.proxy.upstream import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from edge.scope import FORWARDED_SCOPE_KEY, UPSTREAM_STATUS_SCOPE_KEY, Headers
 
 logger = logging.getLogger("edge.proxy")
 
@@ -46,10 +47,6 @@ CLOSE = [(b"connection", b"close")]
 # ones pay for a task that watches the client. Under load, queueing alone makes every
 # exchange last a few milliseconds, so the threshold sits well above that.
 WATCH_CLIENT_AFTER = 0.05
-
-# The upstream's status, for the layers around the core (the access log); absent when the
-# edge answered itself.
-UPSTREAM_STATUS_SCOPE_KEY = "edge.upstream_status"
 
 Framing = Literal["length", "chunked"]
 

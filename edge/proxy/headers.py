@@ -1,12 +1,8 @@
-"""Header hygiene shared by the request and response directions.
-
-Headers are handled as raw `(name, value)` byte pairs, never as a mapping, so repeated
-fields (several `Set-Cookie`) keep their number and order.
-"""
+"""Header hygiene shared by the request and response directions."""
 
 from __future__ import annotations
 
-Headers = list[tuple[bytes, bytes]]
+from edge.scope import Headers
 
 # RFC 9110 section 7.6.1, plus the legacy fields of RFC 2616 that are also meant for the
 # next hop only (`Proxy-Authorization` carries credentials for a proxy, not the app).

@@ -26,10 +26,9 @@ from functools import lru_cache
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edge.proxy.headers import CLIENT_CLAIMS, FORWARDING, REQUEST_HOP_BY_HOP, Headers, removable_fields
+from edge.proxy.headers import CLIENT_CLAIMS, FORWARDING, REQUEST_HOP_BY_HOP, removable_fields
+from edge.scope import FORWARDED_SCOPE_KEY, Headers
 from edge.settings import IPNetwork
-
-FORWARDED_SCOPE_KEY = "edge.forwarded"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

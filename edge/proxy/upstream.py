@@ -29,10 +29,9 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from edge.proxy.headers import Headers
+from edge.scope import Headers
 
 BUFFER_HIGH = 256 * 1024
-BUFFER_LOW = 64 * 1024
 
 
 class UpstreamError(Exception):
@@ -332,7 +331,6 @@ class UpstreamPool:
         idle_timeout: float,
     ) -> None:
         self.origin = origin
-        self.size = size
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout

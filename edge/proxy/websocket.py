@@ -18,9 +18,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.frames import CloseCode
 
 from edge import errors
-from edge.proxy.headers import Headers
-from edge.proxy.ingress import FORWARDED_SCOPE_KEY, ForwardedRequest
+from edge.proxy.ingress import ForwardedRequest
 from edge.proxy.upstream import Origin
+from edge.scope import FORWARDED_SCOPE_KEY, WEBSOCKET_DENIAL_EXTENSION, Headers
 
 logger = logging.getLogger("edge.proxy")
 
@@ -151,7 +151,7 @@ async def _upstream_to_client(upstream: ClientConnection, send: Send) -> None:
 async def _deny(scope: Scope, send: Send, refusal: InvalidStatus) -> None:
     """Relay the upstream's refusal of the upgrade (401, 403, 404...) as it was."""
     response = refusal.response
-    if "websocket.http.response" not in scope.get("extensions", {}):
+    if WEBSOCKET_DENIAL_EXTENSION not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008})
         return
     headers = [

@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from edge.proxy.headers import Headers
+from edge.scope import Headers
 from edge.server.client_connections import ClientConnections
 from edge.server.protocol import EdgeHttpProtocol
 from edge.server.websocket import EdgeWebSocketProtocol

@@ -45,8 +45,8 @@ from uvicorn.server import ServerState
 
 from common.ids import ACCEPTABLE_REQUEST_ID, uuid7
 from edge import errors
-from edge.proxy.headers import Headers
-from edge.server.request_head import CLIENT_HEAD_EXTENSION, HeadRefused, RequestHead, read_head
+from edge.scope import CLIENT_HEAD_EXTENSION, Headers
+from edge.server.request_head import HeadRefused, RequestHead, read_head
 from edge.server.websocket import EdgeWebSocketProtocol
 
 if TYPE_CHECKING:
@@ -175,7 +175,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
             # far above the largest head the size-limit layer admits; it only bounds memory.
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_head_bytes:
-                self._refuse(errors.HEADERS_TOO_LARGE)
+                self._refuse(errors.headers_too_large(self.limits.max_head_bytes))
                 return
         try:
             self.parser.feed_data(data)

@@ -25,15 +25,11 @@ from typing import Literal
 from urllib.parse import unquote
 
 from edge import errors
-from edge.proxy.headers import Headers
+from edge.scope import Headers
 
 BodyFraming = Literal["none", "length", "chunked"]
 
 VERSIONS = ("1.0", "1.1")
-
-# Where the server tells the application how large the client's own head was, before any
-# layer added or removed fields: the size-limit layer's 431 counts these.
-CLIENT_HEAD_EXTENSION = "edge.client_head"
 
 # reg-name labels as DNS and container platforms use them (underscores included), or an
 # IPv4 address, which has the same shape; IP literals are checked by `ipaddress`.
@@ -64,7 +60,6 @@ class RequestHead:
     query_string: bytes
     headers: Headers  # lower-cased names, values as received, in order
     framing: BodyFraming
-    content_length: int
     keep_alive: bool
     expect_continue: bool
     upgrade: bytes | None  # the protocol asked for with `Connection: upgrade`, lower-cased
@@ -129,7 +124,6 @@ def read_head(method: bytes, http_version: str, target: bytes, fields: Headers) 
     raw_path, query_string = _split_target(method, target, hosts[0] if hosts else None)
 
     framing: BodyFraming = "none"
-    content_length = 0
     if codings:
         if (
             http_version == "1.0"
@@ -145,8 +139,7 @@ def read_head(method: bytes, http_version: str, target: bytes, fields: Headers) 
     elif lengths:
         if len(lengths) > 1 or not lengths[0].isdigit():
             raise HeadRefused(errors.BAD_FRAMING)
-        content_length = int(lengths[0])
-        framing = "length" if content_length else "none"
+        framing = "length" if int(lengths[0]) else "none"
 
     path = raw_path.decode("ascii")
     return RequestHead(
@@ -157,7 +150,6 @@ def read_head(method: bytes, http_version: str, target: bytes, fields: Headers) 
         query_string=query_string,
         headers=fields,
         framing=framing,
-        content_length=content_length,
         # HTTP/1.0 connections close after each response: no keep-alive negotiation.
         keep_alive=http_version == "1.1" and b"close" not in connection,
         expect_continue=expect_continue and framing != "none",

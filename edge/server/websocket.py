@@ -7,7 +7,7 @@ from collections.abc import Callable
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from edge.server.request_head import CLIENT_HEAD_EXTENSION
+from edge.scope import CLIENT_HEAD_EXTENSION
 
 
 class EdgeWebSocketProtocol(WebSocketsSansIOProtocol):
