@@ -47,12 +47,8 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -70,7 +66,7 @@ from app.memory.store import MemoryStore
 from app.settings import AppSettings
 from app.workflow import prompts
 from app.workflow.state import Message
-from bench.support import BenchError, Service, clean_env, free_port, interrupt_on_signals, log, machine, percentile
+from bench.support import BenchError, Service, clean_env, free_port, log, machine, percentile, run_benchmark
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 OVERHEAD_P95_BOUND_MS = 100.0  # the project's sanity bound on the app's overhead per text turn
@@ -600,20 +596,24 @@ def postgres_problem(url: str) -> str | None:
     return None
 
 
-def delete_postgres_threads(url: str, thread_ids: list[str]) -> int:
+def delete_postgres_threads(url: str, thread_ids: list[str]) -> None:
     """Removes the run's sessions from the shared database (only theirs), as the app's
-    session deletion would; the rows' count."""
+    session deletion would."""
     if not thread_ids:
-        return 0
+        return
     deleted = 0
-    with psycopg.connect(url, connect_timeout=5, autocommit=True) as connection:
-        for table in ("checkpoint_writes", "checkpoint_blobs", "checkpoints"):
-            cursor = connection.execute(
-                f"DELETE FROM {table} WHERE thread_id = ANY(%s)",  # a fixed table name
-                (thread_ids,),
-            )
-            deleted += cursor.rowcount
-    return deleted
+    try:
+        with psycopg.connect(url, connect_timeout=5, autocommit=True) as connection:
+            for table in ("checkpoint_writes", "checkpoint_blobs", "checkpoints"):
+                cursor = connection.execute(
+                    f"DELETE FROM {table} WHERE thread_id = ANY(%s)",  # a fixed table name
+                    (thread_ids,),
+                )
+                deleted += cursor.rowcount
+    except psycopg.Error as exc:
+        print(f"app_bench: could not delete the run's PostgreSQL sessions ({exc})", file=sys.stderr)
+        return
+    log(f"PostgreSQL: deleted the run's {len(thread_ids)} sessions ({deleted} rows)")
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -655,7 +655,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def measure(args: argparse.Namespace, tmp: Path, started: list[Service], pg_threads: list[str]) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace, tmp: Path, cleanup: contextlib.ExitStack, pg_threads: list[str]
+) -> dict[str, Any]:
     notes: list[str] = []
     database_url: str | None = None
     if not args.no_postgres:
@@ -678,9 +680,10 @@ def measure(args: argparse.Namespace, tmp: Path, started: list[Service], pg_thre
         for config in configs:
             preload_memories(Path((apps[config].env or {})["APP_DATA_DIR"]), args.preload_memories)
         log(f"memory stores preloaded with {args.preload_memories} memories of other sessions each")
-    for service in (groq, elevenlabs, *apps.values()):
+    started: list[Service] = [groq, elevenlabs, *apps.values()]
+    for service in started:
         service.start()
-        started.append(service)
+        cleanup.callback(service.stop)
     for service in started:
         service.wait_ready()
     log("servers: " + ", ".join(f"{s.name} on :{s.port} (pid {s.pid})" for s in started))
@@ -745,48 +748,30 @@ def measure(args: argparse.Namespace, tmp: Path, started: list[Service], pg_thre
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    interrupt_on_signals()
-    tmp = Path(tempfile.mkdtemp(prefix="app-bench-"))
-    keep_tmp = args.keep_tmp
-    started: list[Service] = []
+    return run_benchmark(
+        "app_bench",
+        lambda tmp, cleanup: run(args, tmp, cleanup),
+        json_path=args.json,
+        keep_tmp=args.keep_tmp,
+        errors=(ValueError, KeyError, psycopg.Error),
+    )
+
+
+def run(args: argparse.Namespace, tmp: Path, cleanup: contextlib.ExitStack) -> tuple[dict[str, Any], int]:
     pg_threads: list[str] = []
-    passed = True
-    try:
-        report = measure(args, tmp, started, pg_threads)
-        print(format_report(report["summaries"], args, args.bound_ms), flush=True)
-        load_before, load_after = report["load_average_before"], report["load_average_after"]
-        print(
-            f"measured in {report['measured_seconds']:.0f} s; load average {load_before[0]:.2f} before, "
-            f"{load_after[0]:.2f} after (1 min)"
-        )
-        for note in report["notes"]:
-            print(f"note: {note}")
-        passed = all(summary["overhead_ms"]["p95"] <= args.bound_ms for summary in report["summaries"])
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-            log(f"results written to {args.json}")
-    except KeyboardInterrupt:
-        print("\napp_bench: interrupted; stopping the servers", file=sys.stderr)
-        return 130
-    except (BenchError, OSError, ValueError, KeyError, psycopg.Error, subprocess.TimeoutExpired) as exc:
-        keep_tmp = True
-        print(f"app_bench: the benchmark could not run: {exc}", file=sys.stderr)
-        print(f"app_bench: server logs kept in {tmp}", file=sys.stderr)
-        return 2
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
-        for service in reversed(started):
-            service.stop()
-        if pg_threads:
-            try:
-                deleted = delete_postgres_threads(args.database_url, pg_threads)
-                log(f"PostgreSQL: deleted the run's {len(pg_threads)} sessions ({deleted} rows)")
-            except psycopg.Error as exc:
-                print(f"app_bench: could not delete the run's PostgreSQL sessions ({exc})", file=sys.stderr)
-        if not keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if passed else 1
+    # Registered first, so it runs once the apps have stopped.
+    cleanup.callback(delete_postgres_threads, args.database_url, pg_threads)
+    report = measure(args, tmp, cleanup, pg_threads)
+    print(format_report(report["summaries"], args, args.bound_ms), flush=True)
+    load_before, load_after = report["load_average_before"], report["load_average_after"]
+    print(
+        f"measured in {report['measured_seconds']:.0f} s; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after (1 min)"
+    )
+    for note in report["notes"]:
+        print(f"note: {note}")
+    passed = all(summary["overhead_ms"]["p95"] <= args.bound_ms for summary in report["summaries"])
+    return report, 0 if passed else 1
 
 
 if __name__ == "__main__":

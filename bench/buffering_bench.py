@@ -35,14 +35,11 @@ import argparse
 import asyncio
 import contextlib
 import http.client
-import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -51,20 +48,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.proxy_bench import (
-    BENCH_DIR,
-    LOAD_GENERATOR_CAPS,
-    Summary,
-    Target,
-    WrkResult,
-    bench_env,
-    edge_env,
-    machine_info,
-    parse_wrk,
-    rss_kib,
-    wrk_argv,
-)
-from bench.support import BenchError, free_port, interrupt_on_signals, log, percentile
+from bench.proxy.contenders import LOAD_GENERATOR_CAPS, Server, bench_env, edge_env
+from bench.proxy.procfs import rss_kib
+from bench.proxy.report import machine_info
+from bench.proxy.wrk import Summary, WrkResult, error_note, parse_wrk, wrk_argv
+from bench.support import BENCH_DIR, BenchError, free_port, log, percentile, run_benchmark
 
 KIB = 1024
 BUFFERED = "buffered (64 KiB)"
@@ -108,21 +96,21 @@ class Contender:
 
     name: str
     buffer_bytes: int
-    upstream: Target
+    upstream: Server
     tmp: Path
-    edge_process: Target | None = None
+    edge_process: Server | None = None
     last_active: float = 0.0
 
     @property
-    def edge(self) -> Target:
+    def edge(self) -> Server:
         if self.edge_process is None:
             raise BenchError(f"the {self.name} edge is not running")
         return self.edge_process
 
-    def start_edge(self, round_index: int) -> Target:
+    def start_edge(self, round_index: int) -> Server:
         stem = "buffered" if self.buffer_bytes else "streaming"
         port = free_port()
-        self.edge_process = Target(
+        self.edge_process = Server(
             f"edge, {self.name}",
             [sys.executable, "-m", "edge"],
             port,
@@ -167,7 +155,7 @@ def build_contenders(tmp: Path) -> list[Contender]:
     for name, buffer_bytes in BUFFER_BYTES.items():
         stem = "buffered" if buffer_bytes else "streaming"
         port = free_port()
-        upstream = Target(
+        upstream = Server(
             f"upstream of {name}",
             [sys.executable, str(BENCH_DIR / "tiny_upstream.py"), "--port", str(port)],
             port,
@@ -590,12 +578,6 @@ class Results:
     notes: list[str] = field(default_factory=list)
 
 
-def _problems(result: WrkResult) -> str:
-    if result.socket_errors or result.non_2xx:
-        return f"  [{result.non_2xx} non-2xx, {result.socket_errors} socket errors]"
-    return ""
-
-
 def _outcomes(counts: dict[str, int]) -> str:
     return ", ".join(f"{count} x {what}" for what, count in sorted(counts.items(), key=lambda kv: -kv[1]))
 
@@ -661,7 +643,7 @@ def run_rounds(wrk: str, contenders: list[Contender], scripts: dict[int, Path], 
                 log(
                     f"{tag} wrk {size // KIB:>2} KiB {contender.name:<{width}} {result.requests_per_sec:>8,.0f} req/s  "
                     f"p50 {result.p50_ms:7.3f} ms  p99 {result.p99_ms:7.3f} ms  "
-                    f"CPU {result.cpu_us_per_request or 0:.0f} us/req{_problems(result)}"
+                    f"CPU {result.cpu_us_per_request or 0:.0f} us/req{error_note(result)}"
                 )
         for contender in order:
             proc = contender.edge.proc
@@ -891,7 +873,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    interrupt_on_signals()
     wrk = shutil.which("wrk")
     if wrk is None:
         print(
@@ -899,53 +880,42 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    return run_benchmark(
+        "buffering_bench",
+        lambda tmp, cleanup: run(args, wrk, tmp, cleanup),
+        json_path=args.json,
+        keep_tmp=args.keep_tmp,
+    )
+
+
+def run(args: argparse.Namespace, wrk: str, tmp: Path, cleanup: contextlib.ExitStack) -> tuple[dict[str, Any], int]:
     begun = time.monotonic()
     os.environ.setdefault("GIT_OPTIONAL_LOCKS", "0")  # the commit lookup must not touch the index
     machine = machine_info(wrk, None)
     machine.pop("nginx", None)
     machine["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     log(f"load average at start: {machine['load_average_at_start']}")
-    tmp = Path(tempfile.mkdtemp(prefix="buffering-bench-"))
-    keep_tmp = args.keep_tmp
     contenders = build_contenders(tmp)
-    started: list[Target] = []
-    notes: list[str] = []
-    try:
-        for contender in contenders:
-            contender.upstream.start()
-            started.append(contender.upstream)
-        for service in started:
-            service.wait_ready()
-        log("upstreams: " + ", ".join(f"{s.name} on :{s.port} (pid {s.pid})" for s in started))
-        scripts = {size: write_wrk_script(tmp, size) for size in WRK_BODIES}
-        results = run_rounds(wrk, contenders, scripts, args)
-        for service in started:
-            if service.proc is not None and service.proc.poll() is not None:
-                notes.append(f"{service.name} exited during the run; see its log")
-        report = build_report(args, machine, results, notes, time.monotonic() - begun)
-        print(format_report(report), flush=True)
-        log(f"wall clock {report['wall_clock_s']:.0f} s; load average at end: {machine['load_average_at_end']}")
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=2) + "\n")
-            log(f"results written to {args.json}")
-    except KeyboardInterrupt:
-        print("\nbuffering_bench: interrupted; stopping the servers", file=sys.stderr)
-        return 130
-    except (BenchError, OSError, subprocess.TimeoutExpired) as exc:
-        keep_tmp = True
-        print(f"buffering_bench: the benchmark could not run: {exc}", file=sys.stderr)
-        print(f"buffering_bench: server logs kept in {tmp}", file=sys.stderr)
-        return 2
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the clean-up
-        for contender in contenders:
-            contender.stop_edge()
-        for service in reversed(started):
-            service.stop()
-        if not keep_tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    upstreams = [contender.upstream for contender in contenders]
+    for upstream in upstreams:
+        upstream.start()
+        cleanup.callback(upstream.stop)
+    for contender in contenders:
+        cleanup.callback(contender.stop_edge)  # each round's edge, stopped before the upstreams
+    for upstream in upstreams:
+        upstream.wait_ready()
+    log("upstreams: " + ", ".join(f"{s.name} on :{s.port} (pid {s.pid})" for s in upstreams))
+    scripts = {size: write_wrk_script(tmp, size) for size in WRK_BODIES}
+    results = run_rounds(wrk, contenders, scripts, args)
+    notes = [
+        f"{upstream.name} exited during the run; see its log"
+        for upstream in upstreams
+        if upstream.proc is not None and upstream.proc.poll() is not None
+    ]
+    report = build_report(args, machine, results, notes, time.monotonic() - begun)
+    print(format_report(report), flush=True)
+    log(f"wall clock {report['wall_clock_s']:.0f} s; load average at end: {machine['load_average_at_end']}")
+    return report, 0
 
 
 if __name__ == "__main__":

@@ -27,21 +27,20 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.proxy_bench import DEFAULT_REDIS_URL, GENEROUS_RATE_LIMIT, LOAD_GENERATOR_CAPS, ORIGIN
-from bench.support import ROOT, BenchError, Service, clean_env, free_port, interrupt_on_signals, log
+from bench.proxy.contenders import DEFAULT_REDIS_URL, GENEROUS_RATE_LIMIT, LOAD_GENERATOR_CAPS, ORIGIN
+from bench.support import ROOT, BenchError, Service, clean_env, free_port, log, run_benchmark
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: https://app.example.com\r\n\r\n"
 TOTALS = re.compile(rb"^totals:\s+(\d+)", re.MULTILINE)
 READY_TIMEOUT_S = 180.0  # the edge starts in seconds; under callgrind in a minute or more
 
-# The proxy benchmark's edges (bench/proxy_bench.py), by name.
+# The proxy benchmark's edges (bench/proxy/contenders.py), by name.
 CONFIGS: dict[str, dict[str, str]] = {
     "plain": {"EDGE_RATE_LIMIT_DEFAULT": "off", "EDGE_ACCESS_LOG": "false", "EDGE_LOG_LEVEL": "warning"},
     "memory": {
@@ -134,26 +133,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="plain", help="which edge (plain)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None:
-        raise BenchError("valgrind is not installed: scripts/install_debian_packages.sh valgrind:valgrind")
-    interrupt_on_signals()
-    counts = (args.requests[0], args.requests[1])
-    with tempfile.TemporaryDirectory(prefix="instructions-bench-") as name:
-        tmp = Path(name)
-        port = free_port()
-        upstream = Service(
-            "upstream", [sys.executable, "bench/tiny_upstream.py", "--port", str(port)], port, tmp / "upstream.log"
+        print(
+            "instructions_bench: valgrind is not installed (scripts/install_debian_packages.sh valgrind:valgrind)",
+            file=sys.stderr,
         )
-        upstream.start()
-        try:
-            upstream.wait_ready()
-            results = {"working tree": per_request(ROOT, upstream.url, args.config, counts, tmp)}
-            log(f"working tree: {results['working tree']:,.0f} instructions per request")
-            if args.base:
-                with checkout(args.base, tmp) as tree:
-                    results[args.base] = per_request(tree, upstream.url, args.config, counts, tmp)
-                log(f"{args.base}: {results[args.base]:,.0f} instructions per request")
-        finally:
-            upstream.stop()
+        return 2
+    return run_benchmark(
+        "instructions_bench",
+        lambda tmp, cleanup: run(args, tmp, cleanup),
+        errors=(subprocess.CalledProcessError,),  # the base revision's worktree
+    )
+
+
+def run(args: argparse.Namespace, tmp: Path, cleanup: contextlib.ExitStack) -> tuple[None, int]:
+    counts = (args.requests[0], args.requests[1])
+    port = free_port()
+    upstream = Service(
+        "upstream", [sys.executable, "bench/tiny_upstream.py", "--port", str(port)], port, tmp / "upstream.log"
+    )
+    upstream.start()
+    cleanup.callback(upstream.stop)
+    upstream.wait_ready()
+    results = {"working tree": per_request(ROOT, upstream.url, args.config, counts, tmp)}
+    log(f"working tree: {results['working tree']:,.0f} instructions per request")
+    if args.base:
+        with checkout(args.base, tmp) as tree:
+            results[args.base] = per_request(tree, upstream.url, args.config, counts, tmp)
+        log(f"{args.base}: {results[args.base]:,.0f} instructions per request")
     print(f"\n{args.config} edge, {counts[1] - counts[0]} sequential requests (N = {counts[0]}, {counts[1]})\n")
     print("| edge | instructions per request |")
     print("|---|---:|")
@@ -161,12 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {value:,.0f} |")
     if args.base:
         print(f"\nworking tree / {args.base}: {results['working tree'] / results[args.base]:.1%}")
-    return 0
+    return None, 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as error:
-        print(f"bench: {error}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(main())

@@ -1,22 +1,31 @@
 """What every benchmark script needs: servers run as subprocesses, free ports, a clean
-environment, progress lines and percentiles."""
+environment, progress lines, percentiles, and the end of `main` they all share
+(`run_benchmark`: signals, temp dir, clean-up, JSON, exit status)."""
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
+MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 class BenchError(Exception):
@@ -46,10 +55,53 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def interrupt_on_signals() -> None:
-    """A `kill` of the benchmark cleans up like Ctrl-C; Ctrl-C too when started where SIGINT is ignored."""
+# A benchmark's body: `(tmp, cleanup) -> (report for --json or None, exit status)`.
+Measure = Callable[[Path, contextlib.ExitStack], tuple[dict[str, Any] | None, int]]
+
+
+def run_benchmark(
+    name: str,
+    measure: Measure,
+    *,
+    json_path: Path | None = None,
+    keep_tmp: bool = False,
+    errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """Runs `measure(tmp, cleanup)` in a fresh temp dir and returns the exit status for `main`.
+
+    `measure` prints its report and returns it with its exit status; the report is then
+    written to `json_path` when given. Whatever `measure` starts it registers on `cleanup`
+    (servers to stop, keys to delete), which is unwound last in, first out, however the run
+    ends, with SIGINT ignored so that a second Ctrl-C cannot skip it. SIGTERM and SIGINT
+    (even where the shell started the benchmark with SIGINT ignored) interrupt the run: 130.
+    `BenchError`, `OSError`, a subprocess timeout or one of `errors` mean the benchmark itself
+    could not run: 2, and the temp dir (the servers' logs) is kept, as with `keep_tmp`.
+    """
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    could_not_run: tuple[type[Exception], ...] = (BenchError, OSError, subprocess.TimeoutExpired, *errors)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{name.replace('_', '-')}-"))
+    cleanup = contextlib.ExitStack()
+    try:
+        report, status = measure(tmp, cleanup)
+        if json_path is not None and report is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(report, indent=2) + "\n")
+            log(f"results written to {json_path}")
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; stopping the servers", file=sys.stderr)
+        return 130
+    except could_not_run as exc:
+        keep_tmp = True
+        print(f"{name}: the benchmark could not run: {exc}", file=sys.stderr)
+        print(f"{name}: server logs kept in {tmp}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cleanup.close()
+        if not keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return status
 
 
 def percentile(values: list[float], fraction: float) -> float:
