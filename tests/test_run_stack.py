@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -140,7 +141,7 @@ def test_ctrl_c_during_a_turn_lets_it_finish_with_its_speech_and_memory(tmp_path
             turn = threading.Thread(target=take_turn)
             turn.start()
             deadline = time.monotonic() + 30
-            while client.get(f"{stack.sim_url}/_sim/calls").json()["speech"]["calls"] == 0:
+            while client.get(f"{stack.sim_url}/_sim/calls").json()["speech"]["received"] == 0:
                 assert time.monotonic() < deadline, stack.output()
                 time.sleep(0.05)
             stack.ctrl_c()
@@ -203,6 +204,18 @@ README = PROJECT_ROOT / "README.md"
 README_ORIGIN = "http://127.0.0.1:8080"
 
 
+def json_documents(text: str) -> list[Any]:
+    """The JSON documents curl printed one after another (without newlines between them)."""
+    decoder = json.JSONDecoder()
+    documents, position, text = [], 0, text.strip()
+    while position < len(text):
+        document, position = decoder.raw_decode(text, position)
+        documents.append(document)
+        while position < len(text) and text[position].isspace():
+            position += 1
+    return documents
+
+
 def readme_api_commands() -> str:
     """The README's block of API commands, as a person would paste it."""
     text = README.read_text()
@@ -228,7 +241,7 @@ def test_the_readme_commands_run_as_written_against_a_started_stack(tmp_path: Pa
         with httpx.Client(trust_env=False) as client:
             calls = client.get(f"{stack.sim_url}/_sim/calls").json()
     assert completed.stderr == "", completed.stderr
-    answers = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+    answers = json_documents(completed.stdout)
     text_turn, conversation, edge_ready, app_ready = answers
     assert text_turn["transcript"] == "Hello Rose, my dog is called Max."
     assert text_turn["audio_url"] is not None
@@ -236,6 +249,6 @@ def test_the_readme_commands_run_as_written_against_a_started_stack(tmp_path: Pa
     assert conversation["messages"][2]["text"], conversation  # the recording's transcript
     assert edge_ready["status"] == "ready"
     assert app_ready["status"] == "ready"
-    assert calls["transcribe"]["calls"] == 1, calls
+    assert calls["transcribe"]["received"] == 1, calls
     reply = (work / "reply.mp3").read_bytes()
     assert reply[:3] == b"ID3" or reply[:2] in (b"\xff\xfb", b"\xff\xf3"), reply[:16]
