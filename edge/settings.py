@@ -205,7 +205,7 @@ def check_rate_limit_key(parts: list[str]) -> list[str]:
 
 
 def _dropped_at_ingress(header: str) -> bool:
-    # Imported here: the proxy package imports this module's settings at import time.
+    # Imported here: the proxy package imports this module (`IPNetwork`) at import time.
     from edge.proxy.headers import CLIENT_CLAIMS, FORWARDING, REQUEST_HOP_BY_HOP
 
     name = header.encode("latin-1")
