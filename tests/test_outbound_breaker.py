@@ -45,10 +45,10 @@ def authority(url: str) -> str:
     return url.removeprefix("http://")
 
 
-async def wait_for_state(out: Outbound, url: str, state: str) -> None:
+async def wait_for_state(out: Outbound, state: str) -> None:
     deadline = time.monotonic() + 5
-    while out.states()[authority(url)] != state:
-        assert time.monotonic() < deadline, f"still {out.states()} after 5 s"
+    while out.named_states()["upstream"] != state:
+        assert time.monotonic() < deadline, f"still {out.named_states()} after 5 s"
         await asyncio.sleep(0.01)
 
 
@@ -59,10 +59,10 @@ def test_trips_on_the_failure_rate_only_once_the_minimum_calls_are_seen(upstream
         out = outbound(policy(minimum_calls=4, window_size=8, failure_rate_threshold=0.5))
         client = out.client("upstream", upstream.url)
         assert await outcomes(client, "/minimum", 3) == [500, 500, 500]
-        assert out.states() == {authority(upstream.url): "closed"}  # 100 % failures, but 3 < 4 calls
+        assert out.named_states() == {"upstream": "closed"}  # 100 % failures, but 3 < 4 calls
         # The 4th call completes the minimum: 3 failures in 4 calls is over the threshold.
         assert await outcomes(client, "/minimum", 2) == [200, "BreakerOpen"]
-        assert out.states() == {authority(upstream.url): "open"}
+        assert out.named_states() == {"upstream": "open"}
         await out.aclose()
 
     asyncio.run(scenario())
@@ -92,7 +92,7 @@ def test_outcomes_older_than_the_window_no_longer_count(upstream: ScriptedUpstre
         await asyncio.sleep(0.7)
         # The three old failures have aged out: one failure in one call is under the minimum.
         assert await outcomes(client, "/aged", 1) == [500]
-        assert out.states() == {authority(upstream.url): "closed"}
+        assert out.named_states() == {"upstream": "closed"}
         await out.aclose()
 
     asyncio.run(scenario())
@@ -120,11 +120,11 @@ def test_client_errors_are_not_failures(upstream: ScriptedUpstream, status: int)
     async def scenario() -> tuple[list[int | str], dict[str, str]]:
         out = outbound(policy(minimum_calls=2, window_size=2, failure_rate_threshold=0.5))
         results = await outcomes(out.client("upstream", upstream.url), path, 5)
-        states = out.states()
+        states = out.named_states()
         await out.aclose()
         return results, states
 
-    assert asyncio.run(scenario()) == ([status] * 5, {authority(upstream.url): "closed"})
+    assert asyncio.run(scenario()) == ([status] * 5, {"upstream": "closed"})
 
 
 @pytest.mark.parametrize(
@@ -192,9 +192,9 @@ def test_a_successful_probe_closes_the_breaker(upstream: ScriptedUpstream) -> No
         out = outbound(policy(minimum_calls=2, window_size=2, open_seconds=0.3))
         client = out.client("upstream", upstream.url)
         assert await outcomes(client, "/recovers", 3) == [500, 500, "BreakerOpen"]
-        await wait_for_state(out, upstream.url, "half_open")
+        await wait_for_state(out, "half_open")
         assert await outcomes(client, "/recovers", 3) == [200, 200, 200]
-        assert out.states() == {authority(upstream.url): "closed"}
+        assert out.named_states() == {"upstream": "closed"}
         await out.aclose()
 
     asyncio.run(scenario())
@@ -208,9 +208,9 @@ def test_a_failed_probe_reopens_the_breaker_for_a_fresh_open_period(upstream: Sc
         out = outbound(policy(minimum_calls=2, window_size=2, open_seconds=0.5))
         client = out.client("upstream", upstream.url)
         assert await outcomes(client, "/relapses", 2) == [500, 500]
-        await wait_for_state(out, upstream.url, "half_open")
+        await wait_for_state(out, "half_open")
         assert await outcomes(client, "/relapses", 1) == [503]
-        assert out.states() == {authority(upstream.url): "open"}
+        assert out.named_states() == {"upstream": "open"}
         with pytest.raises(BreakerOpen) as rejected:
             await client.get("/relapses")
         await out.aclose()
@@ -230,7 +230,7 @@ def test_half_open_admits_only_its_probes_and_decides_from_them(upstream: Script
         out = outbound(policy(minimum_calls=2, window_size=2, open_seconds=0.2, half_open_probes=probes))
         client = out.client("upstream", upstream.url)
         assert await outcomes(client, path, 2) == [500, 500]
-        await wait_for_state(out, upstream.url, "half_open")
+        await wait_for_state(out, "half_open")
         probe_calls = [asyncio.ensure_future(client.get(path)) for _ in range(probes)]
         await wait_for_requests(upstream, path, 2 + probes)
         rejected: list[float] = []
@@ -240,7 +240,7 @@ def test_half_open_admits_only_its_probes_and_decides_from_them(upstream: Script
             except BreakerOpen as error:
                 rejected.append(error.retry_after)
         results: list[int | str] = [(await call).status_code for call in probe_calls]
-        states = out.states()
+        states = out.named_states()
         results += await outcomes(client, path, 1)
         await out.aclose()
         return results, rejected, states
@@ -248,7 +248,7 @@ def test_half_open_admits_only_its_probes_and_decides_from_them(upstream: Script
     results, rejected, states = asyncio.run(scenario())
     assert rejected == [0.0] * 5  # the probes are in flight: nothing is left open to wait for
     assert results == [200] * (probes + 1)
-    assert states == {authority(upstream.url): "closed"}
+    assert states == {"upstream": "closed"}
     assert len(upstream.seen_at(path)) == 2 + probes + 1
 
 
@@ -266,7 +266,7 @@ def test_cancelled_calls_neither_trip_nor_reset_a_closed_breaker(upstream: Scrip
         await asyncio.gather(*hanging, return_exceptions=True)
         # As failures they would have tripped it (8 of 8); as successes they would have diluted
         # the rate (3 of 8) or, as the package does, reset the count.
-        assert out.states() == {authority(upstream.url): "closed"}
+        assert out.named_states() == {"upstream": "closed"}
         assert await outcomes(client, "/cancel-closed", 2) == [500, "BreakerOpen"]  # 4 of 4
         await out.aclose()
 
@@ -280,14 +280,14 @@ def test_a_cancelled_probe_leaves_the_breaker_half_open_for_the_next(upstream: S
         out = outbound(policy(minimum_calls=2, window_size=2, open_seconds=0.2))
         client = out.client("upstream", upstream.url)
         assert await outcomes(client, "/cancel-probe", 2) == [500, 500]
-        await wait_for_state(out, upstream.url, "half_open")
+        await wait_for_state(out, "half_open")
         probe = asyncio.ensure_future(client.get("/cancel-probe"))
         await wait_for_requests(upstream, "/cancel-probe", 3)
         probe.cancel()
         await asyncio.gather(probe, return_exceptions=True)
-        assert out.states() == {authority(upstream.url): "half_open"}
+        assert out.named_states() == {"upstream": "half_open"}
         assert await outcomes(client, "/cancel-probe", 1) == [200]  # admitted as the probe
-        assert out.states() == {authority(upstream.url): "closed"}
+        assert out.named_states() == {"upstream": "closed"}
         await out.aclose()
 
     asyncio.run(scenario())
@@ -306,7 +306,7 @@ def test_each_authority_has_its_own_breaker(upstream: ScriptedUpstream, raw: Raw
             "BreakerOpen",
         ]
         assert await outcomes(healthy, "/neighbour", 2) == [200, 200]
-        assert out.states() == {authority(raw.url): "open", authority(upstream.url): "closed"}
+        assert out.named_states() == {"failing": "open", "healthy": "closed"}
         await out.aclose()
 
     asyncio.run(scenario())
@@ -341,6 +341,7 @@ def test_every_state_change_is_logged_once(upstream: ScriptedUpstream, caplog: p
     ]
     first = next(record for record in caplog.records if record.name == "app.outbound")
     assert first.__dict__["authority"] == authority(upstream.url)
+    assert first.__dict__["provider"] == "upstream"
     assert first.__dict__["failure_rate"] == 1.0
     assert first.__dict__["calls_in_window"] == 2
     assert first.__dict__["last_failure"] == "HTTP 500"
@@ -386,14 +387,6 @@ def test_a_rejection_is_recorded_on_the_callers_span_and_counted(upstream: Scrip
     }
 
 
-def test_the_breaker_cannot_be_used_through_the_base_class_context_manager() -> None:
-    out = outbound(policy())
-    out.register("upstream", "http://127.0.0.1:1")
-    breaker = out.transport.hosts[0].breaker
-    with pytest.raises(TypeError, match="acquire"), breaker:
-        pass
-
-
 def test_errors_of_our_own_making_are_not_failures(upstream: ScriptedUpstream) -> None:
     # An illegal header or an unsupported scheme is the caller's bug, not the upstream's.
     upstream.script("/own-fault", then=200)
@@ -406,9 +399,9 @@ def test_errors_of_our_own_making_are_not_failures(upstream: ScriptedUpstream) -
                 await client.get("/own-fault", headers={"x-transcript": "line\r\ninjected: yes"})
         with pytest.raises(httpx.UnsupportedProtocol):
             await client.get("ftp://127.0.0.1:1/file")
-        states = out.states()
+        states = out.named_states()
         results = await outcomes(client, "/own-fault", 1)
         await out.aclose()
         return states, results
 
-    assert asyncio.run(scenario()) == ({authority(upstream.url): "closed"}, [200])
+    assert asyncio.run(scenario()) == ({"upstream": "closed"}, [200])

@@ -29,42 +29,22 @@ def upstream() -> Iterator[ScriptedUpstream]:
         yield server
 
 
-def test_states_name_each_registered_authority_before_any_call() -> None:
-    async def scenario() -> dict[str, str]:
+def test_named_states_name_each_registered_provider_before_any_call_and_no_address() -> None:
+    async def scenario() -> tuple[dict[str, str], int]:
         out = Outbound(OutboundSettings())
         out.register("groq", "https://api.groq.com/openai/v1")
         out.register("elevenlabs", "https://api.elevenlabs.io")
         out.register("qdrant", "http://qdrant:6333")
         out.register("groq", "https://api.groq.com/other")  # the same binding again
-        states = out.states()
-        await out.aclose()
-        return states
-
-    assert asyncio.run(scenario()) == {
-        "api.groq.com:443": "closed",
-        "api.elevenlabs.io:443": "closed",
-        "qdrant:6333": "closed",
-    }
-
-
-def test_named_states_name_each_registered_provider_and_no_address() -> None:
-    async def scenario() -> tuple[dict[str, str], dict[str, str]]:
-        out = Outbound(OutboundSettings())
-        out.register("groq", "http://127.0.0.1:9100/openai/v1")
-        out.register("elevenlabs", "http://127.0.0.1:9100")  # one simulator for both: one breaker
-        out.register("qdrant", "http://qdrant:6333")
-        # A host met in a request, not registered: in `states`, but it has no name to show.
+        # A host met in a request, not registered: it has no name to show.
         async with httpx.AsyncClient(transport=out.transport) as client:
             with pytest.raises(httpx.ConnectError):
                 await client.get(f"http://127.0.0.1:{closed_port()}/")
-        named, by_authority = out.named_states(), out.states()
+        named, hosts = out.named_states(), len(out.transport.hosts)
         await out.aclose()
-        return named, by_authority
+        return named, hosts
 
-    named, by_authority = asyncio.run(scenario())
-    assert named == {"groq": "closed", "elevenlabs": "closed", "qdrant": "closed"}
-    assert len(by_authority) == 3  # the simulator's, Qdrant's and the unregistered host's
-    assert "127.0.0.1:9100" in by_authority
+    assert asyncio.run(scenario()) == ({"groq": "closed", "elevenlabs": "closed", "qdrant": "closed"}, 4)
 
 
 def test_names_pick_their_policies_and_unknown_names_get_the_default() -> None:
@@ -78,37 +58,62 @@ def test_names_pick_their_policies_and_unknown_names_get_the_default() -> None:
         ("api.elevenlabs.io:443", "elevenlabs", settings.elevenlabs),
         ("weather.example:443", "weather", settings.default),
     ]
-
-
-def test_two_names_on_one_authority_share_its_breaker_and_the_first_policy(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    out = Outbound(OutboundSettings())
-    out.register("groq", "https://api.groq.com")
-    with caplog.at_level(logging.WARNING, logger="app.outbound"):
-        out.register("elevenlabs", "https://api.groq.com/openai/v1/audio")
-    assert [(host.authority, host.policy_name) for host in out.transport.hosts] == [("api.groq.com:443", "groq")]
-    assert any("shares api.groq.com:443 with 'groq'" in record.getMessage() for record in caplog.records)
     with pytest.raises(ValueError, match="not an http"):
         out.register("files", "file:///tmp")
 
 
-def test_an_unregistered_host_gets_the_default_policy_and_can_be_registered_later(
-    upstream: ScriptedUpstream,
+def test_two_providers_at_one_address_keep_their_own_breakers_and_limits(
+    upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    upstream.script("/later", then=200)
+    # One simulator standing in for both providers, as in development.
+    upstream.script("/chat", then=500)
+    upstream.script("/speech", then=Reply(200, delay=0.2))
+    settings = OutboundSettings(
+        groq=policy(minimum_calls=2, window_size=2, max_concurrency=32, open_seconds=30.0),
+        elevenlabs=policy(max_concurrency=3, bulkhead_wait=0.0),
+    )
 
-    async def scenario() -> list[tuple[str, bool]]:
-        out = outbound(policy())
-        plain = httpx.AsyncClient(transport=out.transport)  # as a misbuilt client would
-        assert (await plain.get(f"{upstream.url}/later")).status_code == 200
-        seen_first = [(host.policy_name, host.registered) for host in out.transport.hosts]
-        out.register("named", upstream.url)
-        seen_after = [(host.policy_name, host.registered) for host in out.transport.hosts]
+    async def scenario() -> tuple[list[int | str], list[str], dict[str, str]]:
+        out = Outbound(settings)
+        with caplog.at_level(logging.WARNING, logger="app.outbound"):
+            groq = out.client("groq", upstream.url)
+            elevenlabs = out.client("elevenlabs", upstream.url)
+        assert await outcomes(groq, "/chat", 3) == [500, 500, "BreakerOpen"]
+        # ElevenLabs is not behind Groq's open breaker, and has its own 3 slots.
+        calls = [asyncio.ensure_future(elevenlabs.get("/speech")) for _ in range(5)]
+        done = await asyncio.gather(*calls, return_exceptions=True)
+        speech = [reply.status_code if isinstance(reply, httpx.Response) else type(reply).__name__ for reply in done]
+        hosts = [host.policy_name for host in out.transport.hosts]
+        named = out.named_states()
         await out.aclose()
-        return seen_first + seen_after
+        return speech, hosts, named
 
-    assert asyncio.run(scenario()) == [("default", False), ("named", True)]
+    speech, hosts, named = asyncio.run(scenario())
+    assert sorted(speech, key=str) == [200, 200, 200, "BulkheadFull", "BulkheadFull"]
+    assert hosts == ["groq", "elevenlabs"]
+    assert named == {"groq": "open", "elevenlabs": "closed"}
+    assert [record.getMessage() for record in caplog.records if "shares" in record.getMessage()] == []
+
+
+def test_a_request_naming_no_provider_gets_the_addresses_own_default_state(upstream: ScriptedUpstream) -> None:
+    upstream.script("/anonymous", then=500)
+
+    async def scenario() -> tuple[list[int | str], list[int | str], dict[str, str], list[tuple[str, bool]]]:
+        out = outbound(policy(minimum_calls=2, window_size=2, open_seconds=30.0))
+        named = out.client("named", upstream.url)
+        plain = httpx.AsyncClient(base_url=upstream.url, transport=out.transport)  # as a misbuilt client would
+        failing = await outcomes(plain, "/anonymous", 3)
+        still_served = await outcomes(named, "/anonymous", 1)
+        states = out.named_states()
+        hosts = [(host.policy_name, host.registered) for host in out.transport.hosts]
+        await out.aclose()
+        return failing, still_served, states, hosts
+
+    failing, still_served, states, hosts = asyncio.run(scenario())
+    assert failing == [500, 500, "BreakerOpen"]
+    assert still_served == [500]  # the named provider's breaker saw none of the nameless calls
+    assert states == {"named": "closed"}
+    assert hosts == [("named", True), ("default", False)]
 
 
 def test_clients_share_the_transport_and_closing_one_leaves_the_others_working(
@@ -196,9 +201,9 @@ def test_qdrant_client_runs_on_the_shared_transport(upstream: ScriptedUpstream) 
         )
         collections = await qdrant.get_collections()
         await qdrant.close()
-        states = out.states()
+        hosts = [host.policy_name for host in out.transport.hosts]
         await out.aclose()
-        assert states == {upstream.url.removeprefix("http://"): "closed"}
+        assert hosts == ["qdrant"]  # its requests carried the name: no nameless host appeared
         return [collection.name for collection in collections.collections]
 
     assert asyncio.run(scenario()) == ["memories"]

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from app.outbound import HostPolicy, OutboundSettings
+from common.settings import ConfigurationError, load
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_provider_defaults_suit_the_providers() -> None:
     settings = OutboundSettings()
-    assert (settings.groq.attempt_timeout, settings.groq.total_deadline) == (20.0, 45.0)
-    assert (settings.elevenlabs.max_concurrency, settings.elevenlabs.attempt_timeout) == (3, 20.0)
+    assert (settings.groq.attempt_timeout, settings.groq.total_deadline) == (8.0, 20.0)
+    assert (settings.elevenlabs.max_concurrency, settings.elevenlabs.attempt_timeout) == (3, 6.0)
     assert (settings.qdrant.attempt_timeout, settings.qdrant.total_deadline) == (2.0, 5.0)
     assert settings.qdrant.all_methods_idempotent
     assert not settings.groq.all_methods_idempotent
@@ -50,7 +58,7 @@ def test_an_attempt_timeout_longer_than_the_deadline_is_refused_naming_the_polic
     [error] = refused.value.errors()
     assert error["loc"] == ("elevenlabs",)
     assert error["msg"] == (
-        "Value error, attempt_timeout (50 s) is longer than total_deadline (40 s): "
+        "Value error, attempt_timeout (50 s) is longer than total_deadline (16 s): "
         "no attempt could ever use its full timeout"
     )
 
@@ -66,12 +74,12 @@ def test_an_attempt_timeout_longer_than_the_deadline_is_refused_naming_the_polic
             {"minimum_calls": 30, "window_size": 20},
             "minimum_calls (30) is larger than window_size (20): the breaker could never trip",
         ),
-        ({"window_seconds": 15.0}, "window_seconds (15 s) is shorter than twice attempt_timeout (20 s)"),
+        ({"window_seconds": 15.0}, "window_seconds (15 s) is shorter than twice attempt_timeout (8 s)"),
         ({"backoff_base": 5.0}, "backoff_base (5 s) is larger than backoff_max (4 s)"),
     ],
 )
 def test_inconsistent_policies_are_refused_naming_the_policy(fields: dict[str, float], message: str) -> None:
-    # Partial values: the rest are Groq's defaults (attempt 20 s, backoff up to 4 s).
+    # Partial values: the rest are Groq's defaults (attempt 8 s, backoff up to 4 s).
     with pytest.raises(ValidationError) as refused:
         OutboundSettings(groq=fields)
     [error] = refused.value.errors()
@@ -94,3 +102,31 @@ def test_out_of_range_fields_are_refused(field: str, value: float) -> None:
     with pytest.raises(ValidationError) as refused:
         OutboundSettings(qdrant={field: value})
     assert [error["loc"] for error in refused.value.errors()] == [("qdrant", field)]
+
+
+@pytest.mark.parametrize("variable", ["APP_OUTBOUND_GROQQ__MAX_RETRIES", "APP_OUTBOUND_ELEVEN_LABS__MAX_CONCURRENCY"])
+def test_a_variable_naming_no_policy_is_refused_naming_it(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(ConfigurationError) as refused:
+        load(OutboundSettings)
+    assert str(refused.value) == (
+        "invalid configuration:\n"
+        f"  {variable}: no such outbound policy (the policies are DEFAULT, GROQ, ELEVENLABS, QDRANT)"
+    )
+
+
+def test_the_app_does_not_start_with_a_misspelt_provider(tmp_path: Path) -> None:
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("APP_", "ENVIRONMENT"))}
+    env |= {"APP_DATA_DIR": str(tmp_path), "APP_PORT": "1", "APP_OUTBOUND_ELEVENLAB__MAX_CONCURRENCY": "10"}
+    result = subprocess.run(
+        [sys.executable, "-m", "app"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "APP_OUTBOUND_ELEVENLAB__MAX_CONCURRENCY: no such outbound policy" in result.stderr, result.stderr

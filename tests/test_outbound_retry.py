@@ -11,7 +11,13 @@ from email.utils import formatdate
 import httpx
 import pytest
 
-from app.outbound import DEADLINE_EXTENSION, IDEMPOTENT_EXTENSION, DeadlineExceeded, HostRateLimited
+from app.outbound import (
+    DEADLINE_EXTENSION,
+    IDEMPOTENT_EXTENSION,
+    RETRY_AFTER_EXTENSION,
+    DeadlineExceeded,
+    HostRateLimited,
+)
 from app.outbound.retry import retry_after_seconds
 from tests.outbound_support import (
     HANG,
@@ -82,7 +88,7 @@ def test_a_429_blocks_the_host_until_retry_after_without_counting_as_a_failure(
         for _ in range(4):
             await asyncio.sleep(0.31)
             assert await outcomes(client, "/quota", 1) == [429]
-        assert out.states() == {upstream.url.removeprefix("http://"): "closed"}  # five 429s, no failure
+        assert out.named_states() == {"upstream": "closed"}  # five 429s, no failure
         await out.aclose()
 
     asyncio.run(scenario())
@@ -109,6 +115,33 @@ def test_retry_after_is_capped(upstream: ScriptedUpstream) -> None:
         await out.aclose()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "expected"),
+    [
+        (503, (("retry-after", "3600"),), 5.0),  # capped by the policy
+        (429, (("retry-after-ms", "1500"),), 1.5),
+        (500, (("retry-after", "2"),), 2.0),
+        (503, (), None),
+        (404, (("retry-after", "2"),), None),  # not a failure: nothing to wait for
+    ],
+)
+def test_a_returned_failure_carries_the_capped_wait_it_asked_for(
+    upstream: ScriptedUpstream, status: int, headers: tuple[tuple[str, str], ...], expected: float | None
+) -> None:
+    path = f"/asks-to-wait-{status}-{len(headers)}-{expected}"
+    upstream.script(path, then=Reply(status, headers=headers))
+
+    async def scenario() -> float | None:
+        out = outbound(policy(retry_after_cap=5.0, max_retries=0))
+        response = await out.client("upstream", upstream.url).post(path, content=b"{}")
+        await out.aclose()
+        assert response.status_code == status
+        wait: float | None = response.extensions.get(RETRY_AFTER_EXTENSION)
+        return wait
+
+    assert asyncio.run(scenario()) == expected
 
 
 def test_a_429_whose_wait_overruns_the_deadline_is_returned_at_once(upstream: ScriptedUpstream) -> None:
@@ -279,7 +312,7 @@ def test_nothing_is_repeated_after_the_first_byte_of_a_stream(path: str) -> None
             with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
                 async for _ in response.aiter_bytes():
                     pass
-        states = out.states()
+        states = out.named_states()
         await out.aclose()
         return states
 
@@ -289,7 +322,7 @@ def test_nothing_is_repeated_after_the_first_byte_of_a_stream(path: str) -> None
     finally:
         raw.stop()
     # The head counted as a success, the broken body as a failure: 1 of 2 trips at 50 %.
-    assert states == {raw.url.removeprefix("http://"): "open"}
+    assert states == {"upstream": "open"}
 
 
 def test_retries_stay_within_the_budget(upstream: ScriptedUpstream) -> None:
@@ -335,7 +368,7 @@ def test_the_deadline_shrinks_across_retries_and_bounds_the_call(upstream: Scrip
         elapsed = time.monotonic() - started
         assert isinstance(exceeded.value, httpx.TimeoutException)
         assert exceeded.value.deadline == 1.0
-        states = out.states()
+        states = out.named_states()
         await out.aclose()
         return elapsed, states
 
@@ -345,7 +378,7 @@ def test_the_deadline_shrinks_across_retries_and_bounds_the_call(upstream: Scrip
     assert 1.0 <= elapsed < 1.8
     # Two full-length timeouts are failures; the attempt the deadline cut short is not (3 of
     # 3 would have tripped it).
-    assert states == {upstream.url.removeprefix("http://"): "closed"}
+    assert states == {"upstream": "closed"}
 
 
 def test_a_call_can_set_its_own_deadline(upstream: ScriptedUpstream) -> None:

@@ -37,10 +37,10 @@ def is_failure_status(status: int) -> bool:
     return status >= 500 or status == 408 or status == GROQ_CAPACITY_EXCEEDED
 
 
-def is_upstream_failure(error_type: type[BaseException], error: BaseException | None) -> bool:
-    """The failure predicate in `circuitbreaker`'s `(type, value)` form. `PoolTimeout`
-    (our own pool full), local protocol errors and cancellation are not failures."""
-    return issubclass(error_type, UPSTREAM_FAILURE_ERRORS)
+def is_upstream_failure(error: BaseException) -> bool:
+    """`PoolTimeout` (our own pool full), local protocol errors and cancellation are not
+    failures."""
+    return isinstance(error, UPSTREAM_FAILURE_ERRORS)
 
 
 def is_replayable(request: httpx.Request) -> bool:

@@ -1,7 +1,12 @@
-"""`Outbound`: the one place outbound httpx clients come from, all on one shared transport."""
+"""`Outbound`: the one place outbound httpx clients come from, all on one shared transport.
+
+Each client marks its requests with its provider's name (`outbound.provider`), so the
+transport applies that provider's policy, breaker and limits even where two providers
+share an address."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
@@ -11,7 +16,7 @@ from opentelemetry import metrics, trace
 from app.outbound.host import Host
 from app.outbound.policy import OutboundSettings
 from app.outbound.telemetry import INSTRUMENTATION_NAME
-from app.outbound.transport import ResilientTransport
+from app.outbound.transport import PROVIDER_EXTENSION, ResilientTransport
 
 
 class Outbound:
@@ -39,8 +44,8 @@ class Outbound:
         self._named: dict[str, Host] = {}
 
     def register(self, name: str, base_url: str) -> None:
-        """Binds the policy called `name` (`default` for names without one) to the authority
-        of `base_url`."""
+        """Binds the provider `name` to the authority of `base_url`, with the policy of that
+        name (`default` for names without one)."""
         self._named[name] = self.transport.bind(base_url, name, self.settings.policy_named(name))
 
     def client(self, name: str, base_url: str, *, headers: dict[str, str] | None = None) -> httpx.AsyncClient:
@@ -48,31 +53,34 @@ class Outbound:
         proxy or certificate settings taken from the environment, and no cookies kept
         (every call stands alone, whoever it is made for)."""
         self.register(name, base_url)
-        return httpx.AsyncClient(base_url=base_url, headers=headers, **self._client_options())
+        return httpx.AsyncClient(base_url=base_url, headers=headers, **self._client_options(name))
 
     def httpx_kwargs(self, name: str, base_url: str) -> dict[str, Any]:
         """Keyword arguments for a third-party SDK that builds its own httpx.AsyncClient
         (e.g. `AsyncQdrantClient(url=..., **outbound.httpx_kwargs("qdrant", url))`)."""
         self.register(name, base_url)
-        return self._client_options()
-
-    def states(self) -> dict[str, str]:
-        """Breaker state per authority (`closed`, `open`, `half_open`): the transport's view,
-        with addresses; what readiness shows is `named_states`."""
-        return self.transport.states()
+        return self._client_options(name)
 
     def named_states(self) -> dict[str, str]:
-        """Breaker state per registered name (`groq`, ...), for public readiness: no
-        address. Names sharing an authority share its breaker, and show the same state."""
+        """Breaker state (`closed`, `open`, `half_open`) per registered name (`groq`, ...),
+        for public readiness: no address."""
         return {name: host.breaker.state for name, host in self._named.items()}
 
     async def aclose(self) -> None:
         await self.transport.shutdown()
 
-    def _client_options(self) -> dict[str, Any]:
+    def _client_options(self, name: str) -> dict[str, Any]:
         return {
             "transport": self.transport,
+            "event_hooks": {"request": [_mark_provider(name)]},
             "follow_redirects": False,
             "trust_env": False,
             "cookies": CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # accepts no cookie
         }
+
+
+def _mark_provider(name: str) -> Callable[[httpx.Request], Awaitable[None]]:
+    async def mark(request: httpx.Request) -> None:
+        request.extensions[PROVIDER_EXTENSION] = name
+
+    return mark

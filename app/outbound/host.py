@@ -1,5 +1,7 @@
-"""Everything the transport keeps per upstream authority (scheme, host, port): its policy,
-breaker, bulkhead, retry budget and 429 block, created once and looked up per request."""
+"""Everything the transport keeps per provider and upstream authority (scheme, host, port):
+its policy, breaker, bulkhead, retry budget and 429 block, created once and looked up per
+request. Two providers at one address (one simulator standing in for both) have a `Host`
+each; a request that names no provider gets the authority's nameless one."""
 
 from __future__ import annotations
 
@@ -15,19 +17,20 @@ from app.outbound.retry import RetryBudget
 
 DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
-HostKey = tuple[bytes, bytes, int | None]
+# (provider name or None, scheme, host, port)
+HostKey = tuple[str | None, bytes, bytes, int | None]
 
 
-def host_key(url: httpx.URL) -> HostKey:
-    return (url.raw_scheme, url.raw_host, url.port)
+def host_key(name: str | None, url: httpx.URL) -> HostKey:
+    return (name, url.raw_scheme, url.raw_host, url.port)
 
 
 @dataclass(eq=False)
 class Host:
-    authority: str  # "host:port", the name in logs, metrics and readiness
+    authority: str  # "host:port", in logs, metrics and spans (never in readiness)
     address: str
     port: int
-    policy_name: str
+    policy_name: str  # the provider's name, or `default` for a request that named none
     policy: HostPolicy
     registered: bool  # bound by name, rather than met for the first time in a request
     breaker: Breaker
@@ -48,7 +51,7 @@ class Host:
             policy_name=policy_name,
             policy=policy,
             registered=registered,
-            breaker=Breaker(authority, policy),
+            breaker=Breaker(policy_name, authority, policy),
             bulkhead=asyncio.Semaphore(policy.max_concurrency),
             retry_budget=RetryBudget(policy.retry_budget_ratio, policy.retry_budget_min),
             attributes={"outbound.authority": authority, "outbound.policy": policy_name},

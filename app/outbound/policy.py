@@ -1,13 +1,15 @@
-"""Per-host resilience policies: one typed, validated `HostPolicy` per upstream, read once.
+"""Resilience policies: one typed, validated `HostPolicy` per provider, read once.
 
 `OutboundSettings` holds the policies for the app's known providers and a `default` for
 every other host. Each provider's defaults come from what that provider does (see
 docs/resilience.md); an environment variable changes one field and keeps the provider's
-other defaults, e.g. `APP_OUTBOUND_GROQ__MAX_RETRIES=1`.
+other defaults, e.g. `APP_OUTBOUND_GROQ__MAX_RETRIES=1`. A variable naming a policy that
+does not exist (`APP_OUTBOUND_GROQQ__...`) is refused, as is a field that does not.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -15,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class HostPolicy(BaseModel):
-    """How calls to one upstream authority are bounded, retried and cut off. Times in seconds."""
+    """How calls to one provider at its upstream are bounded, retried and cut off. Times in seconds."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -81,12 +83,14 @@ class HostPolicy(BaseModel):
         return self
 
 
-# Groq: LLM completions take seconds (long answers ~10 s), so attempts get 20 s. Limits are
-# per organisation and per minute, so a 429's Retry-After is under a minute. The cap on
-# concurrent calls only bounds what an outage can tie up; Groq limits rates, not concurrency.
+# Groq: the app's completions (at most 512 tokens) and transcriptions take a second or two,
+# so attempts get 8 s: within a turn's step budget (9 s), so that a hung call times out as
+# a failure the breaker counts, not as a deadline. Limits are per organisation and per
+# minute, so a 429's Retry-After is under a minute. The cap on concurrent calls only bounds
+# what an outage can tie up; Groq limits rates, not concurrency.
 GROQ = HostPolicy(
-    attempt_timeout=20.0,
-    total_deadline=45.0,
+    attempt_timeout=8.0,
+    total_deadline=20.0,
     connect_timeout=3.0,
     max_concurrency=32,
     bulkhead_wait=5.0,
@@ -98,11 +102,11 @@ GROQ = HostPolicy(
 )
 
 # ElevenLabs limits concurrent requests per plan (Starter: 3) and answers a 4th with 429,
-# so calls queue here for a slot instead; a synthesis of up to 5,000 characters can take
-# well over ten seconds.
+# so calls queue here for a slot instead. The app's replies are a few sentences, spoken in
+# about a second: attempts get 6 s, within the speech step's budget (7 s).
 ELEVENLABS = HostPolicy(
-    attempt_timeout=20.0,
-    total_deadline=40.0,
+    attempt_timeout=6.0,
+    total_deadline=16.0,
     connect_timeout=3.0,
     max_concurrency=3,
     bulkhead_wait=10.0,
@@ -130,11 +134,14 @@ QDRANT = HostPolicy(
 )
 
 
+ENV_PREFIX = "APP_OUTBOUND_"
+
+
 class OutboundSettings(BaseSettings):
     """The policies by name; `default` serves every host not registered under another name."""
 
     model_config = SettingsConfigDict(
-        env_prefix="APP_OUTBOUND_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         # One variable changes one field and keeps that provider's other defaults.
         nested_model_default_partial_update=True,
@@ -146,6 +153,21 @@ class OutboundSettings(BaseSettings):
     groq: HostPolicy = GROQ
     elevenlabs: HostPolicy = ELEVENLABS
     qdrant: HostPolicy = QDRANT
+
+    @model_validator(mode="after")
+    def _no_unknown_policy(self) -> Self:
+        # pydantic-settings reads only the variables of known fields: one naming no policy
+        # would be ignored, and the provider would run on its defaults unnoticed.
+        unknown = sorted(
+            name
+            for name in os.environ
+            if name.upper().startswith(ENV_PREFIX)
+            and name[len(ENV_PREFIX) :].split("__")[0].lower() not in type(self).model_fields
+        )
+        if unknown:
+            known = ", ".join(field.upper() for field in type(self).model_fields)
+            raise ValueError(f"{', '.join(unknown)}: no such outbound policy (the policies are {known})")
+        return self
 
     def policy_named(self, name: str) -> HostPolicy:
         """The policy for `name`; names without a policy of their own get `default`."""

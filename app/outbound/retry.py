@@ -79,7 +79,7 @@ def delay_before_retry(
     if resend_count >= policy.max_retries:
         return None
     if error is not None:
-        if isinstance(error, NOT_SENT_ERRORS) or (idempotent and is_upstream_failure(type(error), error)):
+        if isinstance(error, NOT_SENT_ERRORS) or (idempotent and is_upstream_failure(error)):
             return backoff(policy, resend_count)
         return None
     if retry_after is not None and status in (TOO_MANY_REQUESTS, SERVICE_UNAVAILABLE):

@@ -6,8 +6,8 @@
   of its own: it is an event on the caller's span.
 - Metrics: `outbound.calls` by outcome, `outbound.retries`,
   `outbound.retries.budget_exhausted`, `outbound.rejections` by reason, and
-  `outbound.breaker.state` (1 for each authority's current state, 0 for the others, as
-  resilience4j reports it, so "any breaker open" is a sum).
+  `outbound.breaker.state` (1 for each provider's current state at its authority, 0 for
+  the others, as resilience4j reports it, so "any breaker open" is a sum).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class OutboundTelemetry:
         meter.create_observable_gauge(
             "outbound.breaker.state",
             callbacks=[self._observe_states],
-            description="1 for each authority's current breaker state, 0 for its other states",
+            description="1 for each provider's current breaker state at its authority, 0 for its other states",
         )
 
     def start_attempt(self, request: httpx.Request, host: Host, resend_count: int) -> trace.Span:

@@ -11,9 +11,17 @@ A call passes, in this order:
 4. attempts, each with its own span and timeout, until one succeeds or retrying is unsafe,
    over budget, refused by the breaker, or would overrun the call's deadline.
 
+What the transport keeps - policy, breaker, bulkhead, retry budget, 429 block - is per
+provider and authority: a request carries its provider's name in the `outbound.provider`
+extension (the clients `Outbound` builds set it), so two providers at one address keep
+apart. A request without a name gets the authority's nameless state, with the `default`
+policy.
+
 Per call, request extensions override the policy: `outbound.deadline` (seconds for the
 whole call) and `outbound.idempotent` (True: safe to repeat; False: never repeat).
-Timeouts set on the httpx client are replaced by the policy's.
+Timeouts set on the httpx client are replaced by the policy's. A failed response that
+asked to wait (`Retry-After`, `retry-after-ms`) comes back with the wait, capped by the
+policy, in its `outbound.retry_after` extension.
 
 A response is returned to the caller as soon as its head arrives: nothing is retried
 after that, so no stream is ever restarted after its first byte.
@@ -22,7 +30,6 @@ after that, so no stream is ever restarted after its first byte.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from time import monotonic
 
@@ -32,10 +39,10 @@ from opentelemetry import metrics, trace
 from app.outbound.breaker import Breaker, Permit
 from app.outbound.classify import (
     IDEMPOTENT_METHODS,
-    SERVICE_UNAVAILABLE,
     TOO_MANY_REQUESTS,
     is_failure_status,
     is_replayable,
+    is_upstream_failure,
 )
 from app.outbound.errors import BreakerOpen, BulkheadFull, DeadlineExceeded, HostRateLimited
 from app.outbound.host import Host, HostKey, host_key
@@ -45,11 +52,10 @@ from app.outbound.telemetry import OutboundTelemetry
 
 DEADLINE_EXTENSION = "outbound.deadline"
 IDEMPOTENT_EXTENSION = "outbound.idempotent"
+PROVIDER_EXTENSION = "outbound.provider"
+RETRY_AFTER_EXTENSION = "outbound.retry_after"
 
 DEFAULT_POLICY_NAME = "default"
-
-
-logger = logging.getLogger("app.outbound")
 
 
 class ResilientTransport(httpx.AsyncBaseTransport):
@@ -73,32 +79,18 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         return list(self._hosts.values())
 
     def bind(self, base_url: str, name: str, policy: HostPolicy) -> Host:
-        """Binds the policy `name` to the authority of `base_url`; one policy per authority.
-
-        Two names on one authority (one simulator standing in for several providers, a
-        gateway in front of several APIs) share its breaker and the first name's policy.
-        """
+        """Binds the provider `name`, with `policy`, to the authority of `base_url`: the
+        requests naming it get a breaker, bulkhead and budget of their own there, whoever
+        else is at that address (one simulator standing in for several providers, a
+        gateway in front of several APIs). Binding the same name again changes nothing."""
         url = httpx.URL(base_url)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"outbound {name!r}: {base_url!r} is not an http(s) URL with a host")
-        key = host_key(url)
-        existing = self._hosts.get(key)
-        if existing is not None and existing.registered:
-            if existing.policy_name != name:
-                logger.warning(
-                    "outbound %r shares %s with %r: one breaker, and %r's policy",
-                    name,
-                    existing.authority,
-                    existing.policy_name,
-                    existing.policy_name,
-                )
-            return existing
-        host = Host.create(url, name, policy, registered=True)
-        self._hosts[key] = host
+        key = host_key(name, url)
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = Host.create(url, name, policy, registered=True)
         return host
-
-    def states(self) -> dict[str, str]:
-        return {host.authority: host.breaker.state for host in self._hosts.values()}
 
     async def aclose(self) -> None:
         """Ignored: a client closing itself must not close the transport the others share."""
@@ -109,13 +101,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         telemetry = self._telemetry
         url = request.url
-        host = self._hosts.get(host_key(url))
+        host = self._hosts.get(host_key(request.extensions.get(PROVIDER_EXTENSION), url))
         if host is None:
-            if url.scheme not in ("http", "https"):
-                # What the inner transport would raise, before a breaker exists for it.
-                raise httpx.UnsupportedProtocol(f"outbound calls use http or https, not {url.scheme!r}")
-            host = Host.create(url, DEFAULT_POLICY_NAME, self._default_policy, registered=False)
-            self._hosts[host_key(url)] = host
+            host = self._nameless_host(url)
         policy = host.policy
         total = request.extensions.get(DEADLINE_EXTENSION, policy.total_deadline)
         if not isinstance(total, int | float) or total <= 0:
@@ -149,6 +137,17 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.stream = GuardedBody(response.stream, host, permit)
         return response
+
+    def _nameless_host(self, url: httpx.URL) -> Host:
+        """The state of requests that name no provider (or one not bound to this authority)."""
+        key = host_key(None, url)
+        host = self._hosts.get(key)
+        if host is None:
+            if url.scheme not in ("http", "https"):
+                # What the inner transport would raise, before a breaker exists for it.
+                raise httpx.UnsupportedProtocol(f"outbound calls use http or https, not {url.scheme!r}")
+            host = self._hosts[key] = Host.create(url, DEFAULT_POLICY_NAME, self._default_policy, registered=False)
+        return host
 
     @staticmethod
     async def _enter_bulkhead(host: Host, wait: float, telemetry: OutboundTelemetry) -> None:
@@ -224,20 +223,20 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if response is not None:
                 status = response.status_code
                 telemetry.end_attempt(span, status=status)
-                if status == TOO_MANY_REQUESTS:
-                    # The upstream is well, but asks everybody to wait: block the host.
-                    breaker.release(permit)
-                    retry_after = retry_after_seconds(response.headers, policy.retry_after_cap)
-                    if retry_after is not None:
-                        host.block_for(retry_after)
-                elif is_failure_status(status):
-                    breaker.record_failure(permit, f"HTTP {status}")
-                    if status == SERVICE_UNAVAILABLE:
-                        retry_after = retry_after_seconds(response.headers, policy.retry_after_cap)
-                else:
+                if status != TOO_MANY_REQUESTS and not is_failure_status(status):
                     breaker.record_success(permit)
                     telemetry.call_finished(host, "success")
                     return response
+                retry_after = retry_after_seconds(response.headers, policy.retry_after_cap)
+                if retry_after is not None:
+                    response.extensions[RETRY_AFTER_EXTENSION] = retry_after
+                if status == TOO_MANY_REQUESTS:
+                    # The upstream is well, but asks everybody to wait: block the host.
+                    breaker.release(permit)
+                    if retry_after is not None:
+                        host.block_for(retry_after)
+                else:
+                    breaker.record_failure(permit, f"HTTP {status}")
                 delay = delay_before_retry(
                     policy,
                     idempotent=idempotent,
@@ -252,7 +251,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                     breaker.release(permit)
                     telemetry.call_finished(host, "deadline_exceeded")
                     raise DeadlineExceeded(host.authority, total) from error
-                if breaker.is_failure(type(error), error):
+                if is_upstream_failure(error):
                     breaker.record_failure(permit, error)
                 else:
                     breaker.release(permit)
@@ -313,7 +312,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             telemetry.call_finished(host, "rate_limited" if rate_limited else "failure")
             return response
         assert error is not None
-        telemetry.call_finished(host, "failure" if host.breaker.is_failure(type(error), error) else "error")
+        telemetry.call_finished(host, "failure" if is_upstream_failure(error) else "error")
         raise error
 
 
@@ -334,7 +333,7 @@ class GuardedBody(httpx.AsyncByteStream):
             async for chunk in self._stream:
                 yield chunk
         except httpx.TransportError as error:
-            if self._breaker.is_failure(type(error), error):
+            if is_upstream_failure(error):
                 self._breaker.record_failure(self._permit, error)
             raise
 

@@ -1,17 +1,18 @@
-"""One way to turn an outbound HTTP exchange into an answer or a provider error."""
+"""One way to turn an outbound HTTP exchange into an answer or a provider error.
+
+What is worth trying again later is the outbound transport's to say: its retryable
+statuses, and the wait a failed response asked for, read and capped by the provider's
+policy (docs/resilience.md).
+"""
 
 from __future__ import annotations
 
-import email.utils
-import time
 from collections.abc import Awaitable, Callable
 
 import httpx
 
+from app.outbound import RETRY_AFTER_EXTENSION, RETRYABLE_STATUSES, BreakerOpen, HostRateLimited
 from app.providers.errors import ProviderRejected, ProviderUnavailable
-
-# Statuses worth trying again later; Groq answers 498 when it is over capacity.
-UNAVAILABLE_STATUSES = frozenset({408, 429, 498, 500, 502, 503, 504})
 
 
 async def exchange(provider: str, send: Callable[[], Awaitable[httpx.Response]]) -> httpx.Response:
@@ -24,35 +25,14 @@ async def exchange(provider: str, send: Callable[[], Awaitable[httpx.Response]])
         response = await send()
     except httpx.TimeoutException:
         raise ProviderUnavailable(provider, "timed out") from None
+    except (BreakerOpen, HostRateLimited) as refused:
+        raise ProviderUnavailable(provider, type(refused).__name__, refused.retry_after) from None
     except httpx.TransportError as exc:
-        # The outbound transport's own refusals (breaker open, host rate-limited, bulkhead
-        # full) carry how long to wait.
-        raise ProviderUnavailable(provider, type(exc).__name__, getattr(exc, "retry_after", None)) from None
+        raise ProviderUnavailable(provider, type(exc).__name__) from None
     if response.is_success:
         return response
     await response.aread()
-    if response.status_code in UNAVAILABLE_STATUSES:
-        raise ProviderUnavailable(provider, f"status {response.status_code}", retry_after(response))
+    if response.status_code in RETRYABLE_STATUSES:
+        retry_after: float | None = response.extensions.get(RETRY_AFTER_EXTENSION)
+        raise ProviderUnavailable(provider, f"status {response.status_code}", retry_after)
     raise ProviderRejected(provider, f"status {response.status_code}")
-
-
-def retry_after(response: httpx.Response) -> float | None:
-    """`retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
-    milliseconds = response.headers.get("retry-after-ms")
-    if milliseconds:
-        try:
-            return max(0.0, float(milliseconds) / 1000)
-        except ValueError:
-            pass
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, moment.timestamp() - time.time())
