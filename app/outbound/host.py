@@ -32,7 +32,6 @@ class Host:
     port: int
     policy_name: str  # the provider's name, or `default` for a request that named none
     policy: HostPolicy
-    registered: bool  # bound by name, rather than met for the first time in a request
     breaker: Breaker
     bulkhead: asyncio.Semaphore
     retry_budget: RetryBudget
@@ -40,7 +39,7 @@ class Host:
     attributes: dict[str, str] = field(default_factory=dict)  # metric attributes naming the host
 
     @classmethod
-    def create(cls, url: httpx.URL, policy_name: str, policy: HostPolicy, *, registered: bool) -> Host:
+    def create(cls, url: httpx.URL, policy_name: str, policy: HostPolicy) -> Host:
         address = url.host
         port = url.port or DEFAULT_PORTS.get(url.raw_scheme, 0)
         authority = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -50,7 +49,6 @@ class Host:
             port=port,
             policy_name=policy_name,
             policy=policy,
-            registered=registered,
             breaker=Breaker(policy_name, authority, policy),
             bulkhead=asyncio.Semaphore(policy.max_concurrency),
             retry_budget=RetryBudget(policy.retry_budget_ratio, policy.retry_budget_min),

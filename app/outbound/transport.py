@@ -89,7 +89,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         key = host_key(name, url)
         host = self._hosts.get(key)
         if host is None:
-            host = self._hosts[key] = Host.create(url, name, policy, registered=True)
+            host = self._hosts[key] = Host.create(url, name, policy)
         return host
 
     async def aclose(self) -> None:
@@ -146,7 +146,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if url.scheme not in ("http", "https"):
                 # What the inner transport would raise, before a breaker exists for it.
                 raise httpx.UnsupportedProtocol(f"outbound calls use http or https, not {url.scheme!r}")
-            host = self._hosts[key] = Host.create(url, DEFAULT_POLICY_NAME, self._default_policy, registered=False)
+            host = self._hosts[key] = Host.create(url, DEFAULT_POLICY_NAME, self._default_policy)
         return host
 
     @staticmethod
