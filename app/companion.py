@@ -5,7 +5,8 @@ A turn runs the workflow once. Its state is saved once, when the run ends (LangG
 words to answer - is rolled back to the checkpoint from before it, since LangGraph also
 saves what a stopped run had done. When the language model is down the run still ends
 normally, keeping the user's words without a reply. Turns of one session run one at a
-time in a process.
+time in a process. The API asks everything of this class and reaches past it into no
+store.
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ import secrets
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
 
 from app.audio import AudioFormat
 from app.memory.store import MemoryUnavailable
-from app.providers.errors import ProviderError
+from app.settings import AppSettings
 from app.storage.conversations import Checkpoints
 from app.workflow.graph import TurnGraph
-from app.workflow.nodes import NothingHeard, now
+from app.workflow.nodes import NothingHeard, TranscriptionFailed, now
 from app.workflow.state import Conversation, Services, Turn, TurnContext
 
 logger = logging.getLogger("app.companion")
@@ -68,11 +71,26 @@ class TurnResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Readiness:
+    database: bool  # a real query answered
+    memory: bool
+    breakers: dict[str, str]  # breaker state per outside service, by name
+
+
 class Companion:
-    def __init__(self, graph: TurnGraph, checkpoints: Checkpoints, services: Services) -> None:
+    def __init__(
+        self,
+        graph: TurnGraph,
+        checkpoints: Checkpoints,
+        services: Services,
+        breaker_states: Callable[[], dict[str, str]],
+    ) -> None:
         self.graph = graph
         self.checkpoints = checkpoints
         self.services = services
+        self.settings: AppSettings = services.settings
+        self._breaker_states = breaker_states
         self._turn_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
     # -- sessions --------------------------------------------------------------------------
@@ -133,11 +151,12 @@ class Companion:
         turn: Turn = {"turn_id": uuid.uuid4().hex, "degraded": [], "timings_ms": {}}
         if text is not None:
             turn["text"] = text
-        context = TurnContext(self.services, audio=audio, audio_format=audio_format)
         before = await self.graph.aget_state(_config(session_id))
         started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_s
+        context = TurnContext(self.services, deadline, audio=audio, audio_format=audio_format)
         try:
-            async with asyncio.timeout(self.services.settings.turn_timeout_s):
+            async with asyncio.timeout_at(deadline):
                 final: dict[str, Any] = await self.graph.ainvoke(
                     {"turn": turn}, _config(session_id), context=context, durability="exit"
                 )
@@ -148,7 +167,7 @@ class Companion:
         except NothingHeard:
             await self._restore(session_id, before.config)
             raise NoSpeech from None
-        except ProviderError as error:  # only the transcriber's failures end a turn this way
+        except TranscriptionFailed as error:
             logger.warning("transcription unavailable: %s", error.reason)
             await self._restore(session_id, before.config)
             raise TranscriptionUnavailable from None
@@ -172,11 +191,25 @@ class Companion:
         await self.graph.aupdate_state(before, None, as_node="__start__")
         await self.checkpoints.keep_latest(session_id)
 
+    # -- reply audio and readiness ---------------------------------------------------------
+
+    def find_audio(self, audio_id: str) -> tuple[Path, str] | None:
+        """A reply's speech file and its content type, if the id is one."""
+        return self.services.audio.find(audio_id)
+
+    async def readiness(self) -> Readiness:
+        """Real queries on the conversation database and the memory store, and the breakers."""
+        return Readiness(
+            database=await self.checkpoints.check(),
+            memory=await self.services.memory.check(),
+            breakers=self._breaker_states(),
+        )
+
     # -- housekeeping ------------------------------------------------------------------------
 
     async def sweep(self) -> tuple[int, int]:
         """Deletes sessions idle past the retention period and audio past its own; counts."""
-        settings = self.services.settings
+        settings = self.settings
         removed_audio = self.services.audio.delete_older_than(settings.audio_retention_hours * 3600)
         cutoff = time.time() - settings.session_retention_days * 86400
         removed_sessions = 0

@@ -5,7 +5,8 @@ the outbound transport and the provider clients on it, the memory store (a failu
 only degrades turns), the reply-audio directory, the conversation checkpointer and the
 turn graph; then the hourly retention sweep. Shutdown closes them in reverse, after
 uvicorn has let in-flight turns finish. Only the spelling of a path that the API lists is
-answered: the other (with or without a trailing slash) is a 404, never a redirect.
+answered: the other (with or without a trailing slash) is a 404, never a redirect. HEAD
+is answered wherever GET is, and a method nothing implements is 501 (`app.api.methods`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi import FastAPI
 from qdrant_client import AsyncQdrantClient
 
 from app.api.errors import install_error_handlers
+from app.api.methods import RequestMethods
 from app.api.routes import router
 from app.companion import Companion
 from app.memory.embedding import HashingEmbedder
@@ -66,9 +68,7 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
         audio.setup()
         async with open_checkpoints(settings) as checkpoints:
             services = Services(settings=settings, groq=groq, elevenlabs=elevenlabs, memory=memory, audio=audio)
-            companion = Companion(build_graph(checkpoints.saver), checkpoints, services)
-            app.state.settings = settings
-            app.state.outbound = outbound
+            companion = Companion(build_graph(checkpoints.saver), checkpoints, services, outbound.named_states)
             app.state.companion = companion
             sweeper = asyncio.create_task(_sweep_periodically(companion))
             # What start-up built lives as long as the process: kept out of every garbage
@@ -110,6 +110,10 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
     )
     install_error_handlers(app)
     app.include_router(router)
+    # The API's routes, and the few FastAPI adds itself (the document and its viewer).
+    routes = [*router.routes, *app.routes]
+    implemented = {method for route in routes for method in getattr(route, "methods", None) or ()}
+    app.add_middleware(RequestMethods, implemented=implemented)
     app.add_middleware(RequestContextMiddleware, tracer=telemetry.tracer)
     return app
 

@@ -5,7 +5,8 @@ The app sits on a private network behind the edge, so it trusts what the edge se
 `X-Request-ID` (re-validated anyway, as the app may be reached directly in development)
 and the W3C `traceparent`, which makes the app's spans part of the edge's trace. Every
 response echoes the request id. An unexpected failure is logged in full and answered 500
-in the envelope, with the request id and nothing else about it.
+in the envelope, with the request id and nothing else about it; a client that went away
+before its request body was read is one info line, and answered nothing.
 
 Session ids and audio ids are capabilities: whoever holds one owns the conversation or
 the reply. The request path holds them, so it never goes on a span: the server span is
@@ -28,6 +29,7 @@ import traceback
 from opentelemetry import context, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.envelope import envelope
@@ -119,6 +121,10 @@ class RequestContextMiddleware:
         span_token = context.attach(trace.set_span_in_context(span))
         try:
             await self.app(scope, receive, send_tracking)
+        except ClientDisconnect:
+            # Nobody to answer, and nothing wrong on our side: not an error, no traceback.
+            span.set_attribute("error.type", "client_disconnected")
+            logger.info("the client disconnected before its request was read")
         except Exception as exc:
             record_exception(span, exc)
             span.set_status(Status(StatusCode.ERROR, type(exc).__name__))

@@ -32,6 +32,13 @@ class AppSettings(OtelSettings):
     drain_timeout: int = Field(65, ge=0)
 
     turn_timeout_s: float = Field(60.0, gt=0, le=600)
+    # What each step's provider call may take, or what is left of the turn if that is less
+    # (docs/resilience.md#a-turns-time): a hung provider costs its step's budget, not the turn.
+    transcribe_budget_s: float = Field(9.0, gt=0, le=600)
+    reply_budget_s: float = Field(9.0, gt=0, le=600)
+    speak_budget_s: float = Field(7.0, gt=0, le=600)
+    remember_budget_s: float = Field(9.0, gt=0, le=600)
+    summarise_budget_s: float = Field(9.0, gt=0, le=600)
     max_audio_bytes: int = Field(10 * 1024 * 1024, ge=1024, le=25 * 1024 * 1024)
     max_audio_seconds: float = Field(120.0, gt=0, le=1800)
     max_text_chars: int = Field(2000, ge=1, le=20000)
@@ -96,10 +103,6 @@ class AppSettings(OtelSettings):
         if self.keep_recent_messages >= self.summarise_after_messages:
             raise ValueError("APP_KEEP_RECENT_MESSAGES must be below APP_SUMMARISE_AFTER_MESSAGES")
         return self
-
-    @property
-    def uses_postgres(self) -> bool:
-        return self.database_url is not None
 
 
 def load_settings() -> AppSettings:

@@ -61,7 +61,7 @@ def control_routes(state: SimState, reset_budgets: Callable[[], None], health: d
         except ValidationError as error:
             return invalid(
                 'a fault is {"route": "chat"|"transcribe"|"speech", "status": 503, "times": 5, '
-                '"delay_ms": 0}, or a list of them',
+                '"delay_ms": 0} or {"route": ..., "hang": true}, or a list of them',
                 problems(error),
             )
         specs = parsed if isinstance(parsed, list) else [parsed]

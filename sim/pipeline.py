@@ -6,7 +6,8 @@
 4. the call waits SIM_LATENCY_MS + the route's latency + the fault's `delay_ms`, and stops
    early if the client hangs up meanwhile (counted as status 499, as nginx logs it);
 5. a queued fault answers instead of the provider, or, with status 200, lets it answer
-   (late, or cut after `abort_after_bytes`).
+   (late, or cut after `abort_after_bytes`); a `hang` fault never answers, and the call
+   waits until the client hangs up (499).
 
 The body is read before waiting so that a client disconnect is noticed during the wait:
 once the body is consumed, the next `receive()` only returns on a disconnect.
@@ -50,9 +51,13 @@ class FaultSpec(BaseModel):
     delay_ms: int = Field(0, ge=0, le=600_000)
     # Status 200 only: send the response head and this many body bytes, then cut.
     abort_after_bytes: int | None = Field(None, ge=0)
+    # Never answer: the call waits until the client gives up.
+    hang: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> FaultSpec:
+        if self.hang and self.model_fields_set & {"status", "delay_ms", "abort_after_bytes"}:
+            raise ValueError("a hang never answers: it takes no status, delay_ms or abort_after_bytes")
         if self.times == 0:
             raise ValueError("times must be a positive count, or -1 for every call until cleared")
         if self.status != 200 and not 400 <= self.status <= 599:
@@ -163,6 +168,8 @@ class Call:
         delay = self.state.latency_seconds(self.route)
         if self.fault is not None:
             self.state.stats[self.route].faulted += 1
+            if self.fault.hang:
+                return await sleep_unless_disconnected(self.request.receive, None)
             delay += self.fault.delay_ms / 1000
         if delay <= 0:
             return True
@@ -183,7 +190,9 @@ class Call:
         return response
 
 
-async def sleep_unless_disconnected(receive: Receive, seconds: float) -> bool:
+async def sleep_unless_disconnected(receive: Receive, seconds: float | None) -> bool:
+    """False as soon as the client hangs up; True after `seconds` (None: never)."""
+
     async def disconnected() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass

@@ -3,9 +3,10 @@ as `python -m app` in a process of its own), the edge in front of it, and a smal
 client of the app's API.
 
 Everything runs on loopback over real HTTP: the edge forwards to the app, the app calls the
-simulators through its resilient outbound transport. Two simulators, because breakers are
-per authority: one stands in for Groq (chat, transcription), the other for ElevenLabs
-(speech), so a speech outage does not open the breaker that chat depends on.
+simulators through its resilient outbound transport. Two simulators: one stands in for Groq
+(chat, transcription), the other for ElevenLabs (speech), so that each counts its own
+provider's calls and takes its faults. (Breakers are per provider either way:
+tests/test_app_resilience.py runs both providers on one simulator, as `make run` does.)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ Route = Literal["chat", "transcribe", "speech"]
 
 @dataclass
 class Simulators:
-    """One simulator for Groq, one for ElevenLabs: separate authorities, separate breakers."""
+    """One simulator for Groq, one for ElevenLabs (the same one twice, for `make run`'s set-up)."""
 
     groq: ServerThread
     elevenlabs: ServerThread
@@ -198,7 +199,8 @@ class AppThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self.server.loop).result(timeout)
 
     def memory_count(self, session_id: str) -> int:
-        return self.run(self.companion.services.memory.count(session_id))
+        """The memories the session can recall: every one, the search ranking them all."""
+        return len(self.run(self.companion.services.memory.recall(session_id, "anything at all", 1000)))
 
     def stop(self) -> None:
         self.server.stop()

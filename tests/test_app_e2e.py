@@ -1,14 +1,14 @@
 """The internal app end to end: a client -> the edge -> the app -> the provider simulators,
 every hop a real HTTP exchange on loopback.
 
-Two simulators stand in for Groq and ElevenLabs (separate authorities, so separate
-breakers); their fault API makes a provider fail, and their call counts show what reached
-them. The app runs in a thread (`create_app` under uvicorn, its lifespan as in
-production) where a test needs to look inside it, and as `python -m app` where the process
-itself matters: a restart on the same data, two replicas sharing PostgreSQL, a start-up
-that cannot reach its database. The simulator's chat reply says how many messages and
-memories the model was given - `(context: N messages, M memories)` - which is how these
-tests see context continuity and memory isolation from the outside.
+Two simulators stand in for Groq and ElevenLabs; their fault API makes a provider fail,
+and their call counts show what reached them. The app runs in a thread (`create_app` under
+uvicorn, its lifespan as in production) where a test needs to look inside it, and as
+`python -m app` where the process itself matters: a restart on the same data, two
+replicas sharing PostgreSQL, a start-up that cannot reach its database. The simulator's
+chat reply says how many messages and memories the model was given - `(context: N
+messages, M memories)` - which is how these tests see context continuity and memory
+isolation from the outside.
 """
 
 from __future__ import annotations

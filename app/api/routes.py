@@ -1,4 +1,5 @@
-"""The API under /api/v1: sessions, turns, reply audio, health and readiness."""
+"""The API under /api/v1: sessions, turns, reply audio, health and readiness. Everything
+is asked of `Companion` (`app.state.companion`)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 def companion_of(request: Request) -> Companion:
     companion: Companion = request.app.state.companion
     return companion
-
-
-def settings_of(request: Request) -> AppSettings:
-    settings: AppSettings = request.app.state.settings
-    return settings
 
 
 def audio_url(audio_id: str | None) -> str | None:
@@ -147,7 +143,8 @@ async def take_turn(session_id: str, request: Request) -> models.TurnResult:
     in the session. A turn that takes longer than APP_TURN_TIMEOUT_S gets 504 and leaves
     the session as it was.
     """
-    companion, settings = companion_of(request), settings_of(request)
+    companion = companion_of(request)
+    settings = companion.settings
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         text = await _text_turn(request, settings)
@@ -199,7 +196,7 @@ async def take_turn(session_id: str, request: Request) -> models.TurnResult:
 async def get_audio(audio_id: str, request: Request) -> FileResponse:
     """A reply's speech, with its real content type. Ids are 32 lower-case hex digits;
     audio is kept for APP_AUDIO_RETENTION_HOURS."""
-    found = companion_of(request).services.audio.find(audio_id)
+    found = companion_of(request).find_audio(audio_id)
     if found is None:
         raise _not_found()
     path, content_type = found
@@ -223,17 +220,18 @@ async def ready(request: Request) -> Response:
     the breaker state of each outside service by name (never its address: the body is
     public). 503 when the database is down; the memory store and the providers are
     reported but do not fail readiness - turns degrade without them."""
-    companion = companion_of(request)
-    database = await companion.checkpoints.check()
-    memory = await companion.services.memory.check()
+    readiness = await companion_of(request).readiness()
     body = models.Readiness(
-        status="ready" if database else "unavailable",
-        checks={"database": "up" if database else "down", "memory": "up" if memory else "down"},
-        breakers=request.app.state.outbound.named_states(),
+        status="ready" if readiness.database else "unavailable",
+        checks={
+            "database": "up" if readiness.database else "down",
+            "memory": "up" if readiness.memory else "down",
+        },
+        breakers=readiness.breakers,
     )
     return Response(
         body.model_dump_json(),
-        status_code=200 if database else 503,
+        status_code=200 if readiness.database else 503,
         media_type="application/json",
         headers={"cache-control": "no-store"},
     )

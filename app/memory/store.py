@@ -1,6 +1,6 @@
 """Memories in Qdrant, each scoped to the session that made it.
 
-Every point carries its owner's `session_id`, and every search, count and deletion is
+Every point carries its owner's `session_id`, and every search and deletion is
 limited to the owner: one person's memories never surface in another's conversation (the
 app this replaces had isolation switched off). Where they live depends on the store:
 
@@ -109,16 +109,6 @@ class MemoryStore:
                 await self.client.delete(collection, points_selector=models.FilterSelector(filter=owned), wait=True)
         except Exception as exc:
             raise MemoryUnavailable(type(exc).__name__) from exc
-
-    async def count(self, session_id: str) -> int:
-        collection, owned = self._where(session_id)
-        try:
-            if not await self._exists(collection):
-                return 0
-            result = await self.client.count(collection, count_filter=owned, exact=True)
-        except Exception as exc:
-            raise MemoryUnavailable(type(exc).__name__) from exc
-        return result.count
 
     async def check(self) -> bool:
         """A real query against the store, for readiness."""

@@ -2,7 +2,8 @@
 
 https://console.groq.com/docs/api-reference - `POST {base}/chat/completions` and
 `POST {base}/audio/transcriptions` (multipart `file`, `model`), bearer-token auth. The
-base URL (`GROQ_BASE_URL`) ends in `/openai/v1`.
+base URL (`GROQ_BASE_URL`) ends in `/openai/v1`. Every call takes its deadline: the
+seconds it may take in all, retries included.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Literal, TypedDict
 
 import httpx
 
+from app.outbound import DEADLINE_EXTENSION
 from app.providers.errors import ProviderRejected
 from app.providers.http import exchange
 
@@ -27,7 +29,13 @@ class Groq:
         self.client = client
 
     async def chat(
-        self, model: str, messages: list[ChatMessage], *, json_object: bool = False, max_tokens: int = 512
+        self,
+        model: str,
+        messages: list[ChatMessage],
+        *,
+        deadline: float,
+        json_object: bool = False,
+        max_tokens: int = 512,
     ) -> str:
         body: dict[str, Any] = {
             "model": model,
@@ -37,7 +45,10 @@ class Groq:
         }
         if json_object:
             body["response_format"] = {"type": "json_object"}
-        response = await exchange(PROVIDER, lambda: self.client.post("chat/completions", json=body))
+        response = await exchange(
+            PROVIDER,
+            lambda: self.client.post("chat/completions", json=body, extensions={DEADLINE_EXTENSION: deadline}),
+        )
         try:
             content = response.json()["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
@@ -46,10 +57,15 @@ class Groq:
             raise ProviderRejected(PROVIDER, "chat response without text")
         return content.strip()
 
-    async def transcribe(self, model: str, audio: bytes, filename: str, content_type: str) -> str:
+    async def transcribe(self, model: str, audio: bytes, filename: str, content_type: str, *, deadline: float) -> str:
         files = {"file": (filename, audio, content_type)}
         data = {"model": model, "response_format": "json"}
-        response = await exchange(PROVIDER, lambda: self.client.post("audio/transcriptions", files=files, data=data))
+        response = await exchange(
+            PROVIDER,
+            lambda: self.client.post(
+                "audio/transcriptions", files=files, data=data, extensions={DEADLINE_EXTENSION: deadline}
+            ),
+        )
         try:
             text = response.json()["text"]
         except (ValueError, KeyError, TypeError):

@@ -1,5 +1,6 @@
 """Conversation state in a LangGraph checkpointer: SQLite under `APP_DATA_DIR` by default,
-PostgreSQL when `APP_DATABASE_URL` is set, so several app replicas share sessions.
+PostgreSQL when `APP_DATABASE_URL` is set, so several app replicas share sessions: one
+class for each behind the `Checkpoints` protocol.
 
 One thread per session. After each turn only the latest checkpoint of the thread is kept
 (and its pending writes): the history of checkpoints is never read, and keeping it grew
@@ -18,7 +19,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from typing import Protocol
 
 import aiosqlite
 from langgraph.checkpoint.base import BaseCheckpointSaver
@@ -47,62 +48,89 @@ DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_id <> (
 )"""
 # Copies every page in the log into the database, then truncates the log to zero bytes.
 CHECKPOINT_WAL = "PRAGMA wal_checkpoint(TRUNCATE)"
+THREAD_IDS = "SELECT DISTINCT thread_id FROM checkpoints"
+CHECK = "SELECT 1 FROM checkpoints LIMIT 1"
 
 
-@dataclass
-class Checkpoints:
+class Checkpoints(Protocol):
     """The checkpointer, plus the few things LangGraph's interface does not offer."""
 
-    saver: BaseCheckpointSaver[str]
-    sqlite: aiosqlite.Connection | None = None
-    postgres: AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
+    @property
+    def saver(self) -> BaseCheckpointSaver[str]: ...
 
     async def delete(self, thread_id: str) -> None:
-        """Deletes the thread's checkpoints and writes, and with SQLite every copy of them."""
-        await self.saver.adelete_thread(thread_id)
-        if self.sqlite is not None:
-            assert isinstance(self.saver, AsyncSqliteSaver)
-            # Under the saver's lock: a statement of its own still running would keep its
-            # snapshot of the log, and the log could not be truncated.
-            async with self.saver.lock, self.sqlite.execute(CHECKPOINT_WAL) as cursor:
-                row = await cursor.fetchone()
-            if row is None or row[0] != 0:
-                logger.warning(
-                    "the write-ahead log could not be truncated after a deletion: "
-                    "deleted words stay in it until the next deletion truncates it"
-                )
+        """Deletes the thread's checkpoints and writes."""
 
     async def keep_latest(self, thread_id: str) -> None:
-        if self.postgres is not None:
-            assert isinstance(self.saver, AsyncPostgresSaver)
-            await self.saver.aprune([thread_id], strategy="keep_latest")
-        elif self.sqlite is not None:
-            # AsyncSqliteSaver does not implement pruning; checkpoint ids are time-ordered.
-            await self.sqlite.execute(PRUNE_SQLITE_WRITES, (thread_id, thread_id))
-            await self.sqlite.execute(PRUNE_SQLITE_CHECKPOINTS, (thread_id, thread_id))
-            await self.sqlite.commit()
+        """Deletes every checkpoint of the thread but the latest, and their writes."""
 
-    async def thread_ids(self) -> list[str]:
-        query = "SELECT DISTINCT thread_id FROM checkpoints"
-        if self.postgres is not None:
-            async with self.postgres.connection() as connection:
-                rows = await (await connection.execute(query)).fetchall()
-            return [str(row["thread_id"]) for row in rows]
-        if self.sqlite is not None:
-            async with self.sqlite.execute(query) as cursor:
-                return [str(row[0]) async for row in cursor]
-        return []
+    async def thread_ids(self) -> list[str]: ...
 
     async def check(self) -> bool:
         """A real query on the database, for readiness."""
+
+
+class SqliteCheckpoints:
+    """Under `APP_DATA_DIR`; a deletion leaves no copy of the thread in the files."""
+
+    def __init__(self, saver: AsyncSqliteSaver) -> None:
+        self.saver = saver
+        self._connection: aiosqlite.Connection = saver.conn
+
+    async def delete(self, thread_id: str) -> None:
+        await self.saver.adelete_thread(thread_id)
+        # Under the saver's lock: a statement of its own still running would keep its
+        # snapshot of the log, and the log could not be truncated.
+        async with self.saver.lock, self._connection.execute(CHECKPOINT_WAL) as cursor:
+            row = await cursor.fetchone()
+        if row is None or row[0] != 0:
+            logger.warning(
+                "the write-ahead log could not be truncated after a deletion: "
+                "deleted words stay in it until the next deletion truncates it"
+            )
+
+    async def keep_latest(self, thread_id: str) -> None:
+        # AsyncSqliteSaver does not implement pruning; checkpoint ids are time-ordered.
+        await self._connection.execute(PRUNE_SQLITE_WRITES, (thread_id, thread_id))
+        await self._connection.execute(PRUNE_SQLITE_CHECKPOINTS, (thread_id, thread_id))
+        await self._connection.commit()
+
+    async def thread_ids(self) -> list[str]:
+        async with self._connection.execute(THREAD_IDS) as cursor:
+            return [str(row[0]) async for row in cursor]
+
+    async def check(self) -> bool:
         try:
-            if self.postgres is not None:
-                async with self.postgres.connection() as connection:
-                    await connection.execute("SELECT 1 FROM checkpoints LIMIT 1")
-            elif self.sqlite is not None:
-                # Read to the end, so that no statement is left open holding a snapshot.
-                async with self.sqlite.execute("SELECT 1 FROM checkpoints LIMIT 1") as cursor:
-                    await cursor.fetchall()
+            # Read to the end, so that no statement is left open holding a snapshot.
+            async with self._connection.execute(CHECK) as cursor:
+                await cursor.fetchall()
+        except Exception:  # any driver error means "not usable now"
+            return False
+        return True
+
+
+class PostgresCheckpoints:
+    """At `APP_DATABASE_URL`, shared by the replicas."""
+
+    def __init__(self, saver: AsyncPostgresSaver, pool: AsyncConnectionPool[AsyncConnection[DictRow]]) -> None:
+        self.saver = saver
+        self._pool = pool
+
+    async def delete(self, thread_id: str) -> None:
+        await self.saver.adelete_thread(thread_id)
+
+    async def keep_latest(self, thread_id: str) -> None:
+        await self.saver.aprune([thread_id], strategy="keep_latest")
+
+    async def thread_ids(self) -> list[str]:
+        async with self._pool.connection() as connection:
+            rows = await (await connection.execute(THREAD_IDS)).fetchall()
+        return [str(row["thread_id"]) for row in rows]
+
+    async def check(self) -> bool:
+        try:
+            async with self._pool.connection() as connection:
+                await connection.execute(CHECK)
         except Exception:  # any driver error means "not usable now"
             return False
         return True
@@ -132,7 +160,7 @@ async def open_checkpoints(settings: AppSettings) -> AsyncIterator[Checkpoints]:
                     await postgres_saver.setup()
                 finally:
                     await lock.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK,))
-            yield Checkpoints(postgres_saver, postgres=pool)
+            yield PostgresCheckpoints(postgres_saver, pool)
         finally:
             await pool.close()
     else:
@@ -141,7 +169,7 @@ async def open_checkpoints(settings: AppSettings) -> AsyncIterator[Checkpoints]:
             # A connection setting: deleted content is zeroed in place, not left in free space.
             await sqlite_saver.conn.execute("PRAGMA secure_delete=ON")
             await sqlite_saver.setup()
-            yield Checkpoints(sqlite_saver, sqlite=sqlite_saver.conn)
+            yield SqliteCheckpoints(sqlite_saver)
 
 
 async def _take_setup_lock(connection: AsyncConnection[DictRow]) -> None:

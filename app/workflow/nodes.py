@@ -1,6 +1,7 @@
 """The steps of a turn. Each takes the conversation and the run's context and returns the
 state updates it makes; a step that depends on an optional service degrades instead of
-failing the turn, and says so in the turn's `degraded` list.
+failing the turn, and says so in the turn's `degraded` list. Each provider call is given
+its step's budget, or what is left of the turn if that is less (`TurnContext.time_for`).
 
 transcribe -> recall -> reply -> speak -> remember -> summarise
                           \\-> (reply unavailable) end: the user's words are kept
@@ -29,6 +30,14 @@ class NothingHeard(Exception):
     """The transcription came back empty: there was no speech to answer."""
 
 
+class TranscriptionFailed(Exception):
+    """The transcriber gave no answer: a voice turn cannot go on without its words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -48,13 +57,17 @@ async def transcribe(state: Conversation, runtime: Runtime[TurnContext]) -> dict
     turn, context = state["turn"], runtime.context
     services = context.services
     if context.audio is not None and context.audio_format is not None:
-        transcript = await services.groq.transcribe(
-            services.settings.transcription_model,
-            context.audio,
-            # The transcriber goes by the file name: it must match what the bytes are.
-            f"speech.{context.audio_format.extension}",
-            context.audio_format.content_type,
-        )
+        try:
+            transcript = await services.groq.transcribe(
+                services.settings.transcription_model,
+                context.audio,
+                # The transcriber goes by the file name: it must match what the bytes are.
+                f"speech.{context.audio_format.extension}",
+                context.audio_format.content_type,
+                deadline=context.time_for(services.settings.transcribe_budget_s),
+            )
+        except ProviderError as error:
+            raise TranscriptionFailed(error.reason) from None
         if not transcript:
             raise NothingHeard
     else:
@@ -82,11 +95,14 @@ async def recall(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str
 async def reply(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     """The companion's answer, from the persona, summary, recent messages and memories."""
     started = time.perf_counter()
-    turn, services = state["turn"], runtime.context.services
+    turn, context = state["turn"], runtime.context
+    services = context.services
     recent = state["messages"][state.get("summarised", 0) :]
     prompt = prompts.reply_prompt(state.get("summary", ""), recent, turn.get("memories", []))
     try:
-        text = await services.groq.chat(services.settings.chat_model, prompt)
+        text = await services.groq.chat(
+            services.settings.chat_model, prompt, deadline=context.time_for(services.settings.reply_budget_s)
+        )
     except ProviderError as error:
         retry_after = error.retry_after if error.retry_after is not None else DEFAULT_RETRY_AFTER
         return {"turn": timed(turn, "reply", started, reply_unavailable=True, retry_after=retry_after)}
@@ -100,15 +116,17 @@ def after_reply(state: Conversation) -> str:
 async def speak(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     """The answer as speech, kept as a file; the text stands alone if speech fails."""
     started = time.perf_counter()
-    turn, services = state["turn"], runtime.context.services
+    turn, context = state["turn"], runtime.context
+    services, settings = context.services, context.services.settings
     text = turn.get("reply", "")
     message: Message = {"role": "assistant", "text": text, "at": now(), "turn_id": turn["turn_id"]}
     try:
         audio, content_type = await services.elevenlabs.speak(
             text,
-            voice_id=services.settings.elevenlabs_voice_id,
-            model=services.settings.speech_model,
-            output_format=services.settings.speech_output_format,
+            voice_id=settings.elevenlabs_voice_id,
+            model=settings.speech_model,
+            output_format=settings.speech_output_format,
+            deadline=context.time_for(settings.speak_budget_s),
         )
     except ProviderError:
         changes: dict[str, Any] = {"degraded": degrade(turn, "speech")}
@@ -126,13 +144,15 @@ async def speak(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str,
 async def remember(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     """A lasting fact from what the user just said, if there is one and it is new."""
     started = time.perf_counter()
-    turn, services = state["turn"], runtime.context.services
+    turn, context = state["turn"], runtime.context
+    services = context.services
     if "memory" in turn["degraded"]:
         return {"turn": timed(turn, "remember", started)}  # the store is down: nothing to write to
     try:
         answer = await services.groq.chat(
             services.settings.memory_model,
             prompts.memory_prompt(turn.get("transcript", "")),
+            deadline=context.time_for(services.settings.remember_budget_s),
             json_object=True,
         )
         fact = _fact(answer)
@@ -146,15 +166,17 @@ async def remember(state: Conversation, runtime: Runtime[TurnContext]) -> dict[s
 async def summarise(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
     """Folds older messages into the running summary once the conversation is long."""
     started = time.perf_counter()
-    turn, settings = state["turn"], runtime.context.services.settings
+    turn, context = state["turn"], runtime.context
+    settings = context.services.settings
     messages, summarised = state["messages"], state.get("summarised", 0)
     if len(messages) - summarised <= settings.summarise_after_messages:
         return {"turn": timed(turn, "summarise", started)}
     until = len(messages) - settings.keep_recent_messages
     try:
-        summary = await runtime.context.services.groq.chat(
+        summary = await context.services.groq.chat(
             settings.memory_model,
             prompts.summary_prompt(state.get("summary", ""), messages[summarised:until]),
+            deadline=context.time_for(settings.summarise_budget_s),
         )
     except ProviderError:
         return {"turn": timed(turn, "summarise", started, degraded=degrade(turn, "summary"))}

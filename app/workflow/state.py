@@ -7,6 +7,7 @@ is never checkpointed: audio bytes in the state would grow every checkpoint fore
 
 from __future__ import annotations
 
+import asyncio
 import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Literal, NotRequired, TypedDict
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from app.storage.audio import AudioStore
 
 Degradation = Literal["memory", "speech", "summary"]
+
+TURN_END_MARGIN = 0.25  # seconds a provider call's deadline falls after the turn's end
 
 
 class Message(TypedDict):
@@ -64,8 +67,20 @@ class Services:
 
 @dataclass
 class TurnContext:
-    """Per-run, never checkpointed."""
+    """Per-run, never checkpointed. `deadline`: the event loop's time when the turn is up."""
 
     services: Services
+    deadline: float
     audio: bytes | None = None
     audio_format: AudioFormat | None = None
+
+    def time_for(self, budget: float) -> float:
+        """The deadline of a step's provider call, in seconds: its budget, or what is left of
+        the turn if that is less. TimeoutError, as the turn's own timeout, when none is left."""
+        left = self.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TimeoutError
+        # A call cut off at the turn's end is the turn's timeout (504, the session as it
+        # was), not the provider's failure: its deadline falls a moment later, so that the
+        # turn's own timeout always ends it first.
+        return min(budget, left + TURN_END_MARGIN)
