@@ -250,5 +250,11 @@ def test_the_readme_commands_run_as_written_against_a_started_stack(tmp_path: Pa
     assert edge_ready["status"] == "ready"
     assert app_ready["status"] == "ready"
     assert calls["transcribe"]["received"] == 1, calls
+    # One request id from the edge's access line through the app to the simulator's.
+    logged = [json.loads(line) for line in stack.output().splitlines() if line.startswith("{")]
+    edge_ids = {line["request_id"] for line in logged if line["logger"] == "edge.access" and line["method"] == "POST"}
+    speech_calls = [line for line in logged if line["logger"] == "sim.access" and "text-to-speech" in line["path"]]
+    assert speech_calls, logged[-20:]
+    assert {line.get("request_id") for line in speech_calls} <= edge_ids, (speech_calls, edge_ids)
     reply = (work / "reply.mp3").read_bytes()
     assert reply[:3] == b"ID3" or reply[:2] in (b"\xff\xfb", b"\xff\xf3"), reply[:16]

@@ -2,7 +2,8 @@
 
 Each client marks its requests with its provider's name (`outbound.provider`), so the
 transport applies that provider's policy, breaker and limits even where two providers
-share an address."""
+share an address, and with the `X-Request-ID` of the request it serves, so a provider's
+log lines (the simulator's) can be found from the edge's and the app's."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from app.outbound.host import Host
 from app.outbound.policy import OutboundSettings
 from app.outbound.telemetry import INSTRUMENTATION_NAME
 from app.outbound.transport import PROVIDER_EXTENSION, ResilientTransport
+from common.logs import request_id_var
 
 
 class Outbound:
@@ -72,15 +74,18 @@ class Outbound:
     def _client_options(self, name: str) -> dict[str, Any]:
         return {
             "transport": self.transport,
-            "event_hooks": {"request": [_mark_provider(name)]},
+            "event_hooks": {"request": [_mark_request(name)]},
             "follow_redirects": False,
             "trust_env": False,
             "cookies": CookieJar(DefaultCookiePolicy(allowed_domains=[])),  # accepts no cookie
         }
 
 
-def _mark_provider(name: str) -> Callable[[httpx.Request], Awaitable[None]]:
+def _mark_request(name: str) -> Callable[[httpx.Request], Awaitable[None]]:
     async def mark(request: httpx.Request) -> None:
         request.extensions[PROVIDER_EXTENSION] = name
+        request_id = request_id_var.get()
+        if request_id is not None:
+            request.headers.setdefault("x-request-id", request_id)
 
     return mark
