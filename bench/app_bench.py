@@ -1,7 +1,7 @@
 """The app's own overhead per text turn: everything a turn costs but the providers' time.
 
 1. starts two provider simulators (`python -m sim`: one answers as Groq, one as
-   ElevenLabs, so they are separate hosts to the app's outbound transport, as for real)
+   ElevenLabs, so each provider's calls are in its own simulator's access log)
    and the app (`python -m app`, `ENVIRONMENT=development`, its own temporary
    `APP_DATA_DIR`, `APP_LOG_LEVEL=warning`) once per configuration: the default (SQLite
    checkpoints and embedded Qdrant under the data directory) and, when it answers,
