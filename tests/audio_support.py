@@ -11,7 +11,9 @@ specifications rather than taken from an encoder (none is installed, and none is
 - WebM as EBML elements: with or without Duration, known or unknown (MediaRecorder) sizes;
 - MP4 boxes: ftyp, moov (mvhd version 0 or 1, one sound track) and mdat, in either order,
   and fragmented MP4 (mvex, then moof + mdat pairs) as browsers' MediaRecorder writes it;
-- FLAC: the signature, STREAMINFO and a VORBIS_COMMENT block.
+- FLAC: the signature, STREAMINFO and a VORBIS_COMMENT block;
+- hostile inputs: 20 MiB built to make a reader walk, scan or sum as much as it can
+  (tested in tests/test_audio.py, timed in bench/audio_bench.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import io
 import struct
 import wave
+from collections.abc import Iterator
 
 # -- WAV -----------------------------------------------------------------------------------------
 
@@ -441,3 +444,22 @@ def flac(total_samples: int, *, rate: int = 16000, tag: bytes = b"", first_block
     blocks = bytes([first_block_type]) + len(info).to_bytes(3, "big") + info
     blocks += bytes([0x80 | 4]) + len(comment).to_bytes(3, "big") + comment
     return tag + b"fLaC" + blocks + b"\xff\xf8\x69\x08\x00" + bytes(64)
+
+
+# -- hostile inputs -------------------------------------------------------------------------------
+
+HOSTILE_SIZE = 20 * 1024 * 1024
+
+
+def hostile_inputs() -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each hostile input, built one at a time (each is about 20 MiB)."""
+    size = HOSTILE_SIZE
+    yield "0xff", b"\xff" * size
+    yield "mp4-tiny-boxes", ftyp() + (struct.pack(">I", 8) + b"free") * (size // 8)
+    yield "mp4-tiny-fragments", fragmented_mp4(1) + (struct.pack(">I", 8) + b"moof") * (size // 8)
+    yield "mp4-huge-fragment", fragmented_mp4(1, samples=size // 8)
+    yield "id3-then-false-syncs", id3v2() + (MPEG1_128K + b"\x00") * (size // 5)
+    yield "ogg-then-capture-patterns", ogg_opus(1.0)[:200] + b"OggS" * (size // 4)
+    yield "wav-tiny-chunks", wav(0.1)[:36] + (b"LIST" + bytes(4)) * (size // 8)
+    yield "webm-voids", ebml_header() + b"\x18\x53\x80\x67\x01" + b"\xff" * 7 + b"\xec\x80" * (size // 2)
+    yield "mp3-long-cbr", mp3(size // 384)

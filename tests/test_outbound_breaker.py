@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import statistics
 import time
 from collections.abc import Iterator
 
@@ -152,37 +151,28 @@ def test_connection_errors_and_timeouts_are_failures(raw: RawUpstream, target: s
     assert results == [raised, raised, "BreakerOpen"]
 
 
-def test_rejects_at_once_while_open_with_the_remaining_open_time(upstream: ScriptedUpstream) -> None:
+def test_rejects_while_open_with_the_remaining_open_time(upstream: ScriptedUpstream) -> None:
     upstream.script("/open", 500, 500, then=200)
 
-    async def scenario() -> tuple[list[float], list[float], list[BreakerOpen]]:
+    async def scenario() -> list[BreakerOpen]:
         out = outbound(policy(minimum_calls=2, window_size=2, open_seconds=30.0))
         client = out.client("upstream", upstream.url)
         assert await outcomes(client, "/open", 2) == [500, 500]
-        elapsed: list[float] = []
-        cpu: list[float] = []
         errors: list[BreakerOpen] = []
         for _ in range(400):
-            started, started_cpu = time.perf_counter(), time.thread_time()
             try:
                 await client.get("/open")
             except BreakerOpen as error:
-                elapsed.append(time.perf_counter() - started)
-                cpu.append(time.thread_time() - started_cpu)
                 errors.append(error)
         await out.aclose()
-        return elapsed, cpu, errors
+        return errors
 
-    elapsed, cpu, errors = asyncio.run(scenario())
+    errors = asyncio.run(scenario())
+    # What a rejection costs is measured in bench/transport_bench.py (docs/resilience.md#benchmark).
     assert len(errors) == 400
     assert len(upstream.seen_at("/open")) == 2
     assert {error.authority for error in errors} == {authority(upstream.url)}
     assert 29.0 < errors[-1].retry_after <= errors[0].retry_after <= 30.0
-    # Well under a millisecond as a caller sees it, through httpx's client (about 50 us when
-    # the machine is quiet). A rejection never waits, so its 99th percentile is taken on this
-    # thread's CPU time: the wall clock's would measure the other tenants of a shared machine.
-    assert statistics.median(elapsed) < 0.001
-    assert sorted(cpu)[int(0.99 * len(cpu))] < 0.001
 
 
 def test_a_successful_probe_closes_the_breaker(upstream: ScriptedUpstream) -> None:
