@@ -221,12 +221,9 @@ def test_a_thousand_aborted_requests_leak_nothing(
         rng = random.Random(number)
         ABORTS[number % len(ABORTS)](small_edge.port, rng)
 
-    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=32) as executor:
         for result in executor.map(run, range(1000)):
             assert result is None
-    elapsed = time.monotonic() - started
-    assert elapsed < 20, f"1,000 aborted requests took {elapsed:.1f} s"
 
     assert_nothing_leaked(small_edge, server, timeout=3.0)
     assert pool.idle <= POOL_SIZE
