@@ -41,7 +41,7 @@ from edge.concerns.size_limits import SizeLimitMiddleware
 from edge.concerns.tracing import TracingMiddleware
 from edge.health import health_routes
 from edge.policy import PathRedactor, Policy, RouteTable, load_policy
-from edge.proxy import Proxy
+from edge.proxy import Proxy, Resolve, resolve_host
 from edge.proxy.ingress import IngressMiddleware
 from edge.scope import EDGE_PATH, is_edge_path
 from edge.settings import EdgeSettings, load_settings
@@ -68,13 +68,18 @@ class EdgeApp:
             await self.proxy(scope, receive, send)
 
 
-def build_app(settings: EdgeSettings, policy: Policy) -> ASGIApp:
+def build_app(settings: EdgeSettings, policy: Policy, *, resolve: Resolve = resolve_host) -> ASGIApp:
+    """The edge; `resolve` turns the upstream's name into its addresses (the system resolver)."""
     proxy = Proxy(
         settings.upstream_url,
         pool_size=settings.upstream_pool_size,
         connect_timeout=settings.upstream_connect_timeout,
         read_timeout=settings.upstream_read_timeout,
         idle_timeout=settings.upstream_idle_timeout,
+        eject_time=settings.upstream_eject_time,
+        resolve_interval=settings.upstream_resolve_interval,
+        max_tries=settings.upstream_max_tries,
+        resolve=resolve,
         request_buffer_bytes=settings.request_buffer_bytes,
         ws_max_message_bytes=settings.ws_max_message_bytes,
     )

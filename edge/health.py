@@ -1,7 +1,9 @@
 """`/_edge/live` and `/_edge/ready`: answered by the edge itself, never forwarded.
 
 Ready means every dependency is `up` or `degraded` (working around a failure, such as a
-rate-limit store that is down while the edge admits requests); one `down` makes it 503.
+rate-limit store that is down while the edge admits requests, or an upstream of which only
+some addresses answer); one `down` makes it 503. Only these states are shown, never an
+address.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ class EdgeSettings(OtelSettings):
     upstream_read_timeout: float = Field(90.0, gt=0)
     upstream_idle_timeout: float = Field(4.0, gt=0)
     upstream_pool_size: int = Field(100, ge=1)
+    upstream_resolve_interval: float = Field(5.0, gt=0)
+    upstream_eject_time: float = Field(5.0, gt=0)
+    upstream_max_tries: int = Field(3, ge=1, le=16)
     trusted_proxies: Annotated[list[IPNetwork], NoDecode] = []
     client_keep_alive_timeout: float = Field(75.0, gt=0)
     client_header_timeout: float = Field(10.0, gt=0, le=300)

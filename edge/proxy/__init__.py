@@ -5,10 +5,10 @@ from __future__ import annotations
 from starlette.types import Receive, Scope, Send
 
 from edge.proxy.forward import HttpForwarder
-from edge.proxy.upstream import Origin, UpstreamPool
+from edge.proxy.upstream import Origin, Resolve, UpstreamPool, resolve_host
 from edge.proxy.websocket import WebSocketForwarder
 
-__all__ = ["Proxy"]
+__all__ = ["Proxy", "Resolve", "resolve_host"]
 
 
 class Proxy:
@@ -23,8 +23,12 @@ class Proxy:
         connect_timeout: float,
         read_timeout: float,
         idle_timeout: float,
+        eject_time: float,
+        resolve_interval: float,
+        max_tries: int,
         request_buffer_bytes: int,
         ws_max_message_bytes: int,
+        resolve: Resolve = resolve_host,
     ) -> None:
         origin = Origin.from_url(upstream_url)
         self.pool = UpstreamPool(
@@ -33,8 +37,11 @@ class Proxy:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             idle_timeout=idle_timeout,
+            eject_time=eject_time,
+            resolve_interval=resolve_interval,
+            resolve=resolve,
         )
-        self.http = HttpForwarder(self.pool, buffer_bytes=request_buffer_bytes)
+        self.http = HttpForwarder(self.pool, buffer_bytes=request_buffer_bytes, max_tries=max_tries)
         self.websocket = WebSocketForwarder(
             origin, connect_timeout=connect_timeout, max_message_bytes=ws_max_message_bytes
         )

@@ -3,15 +3,16 @@
 Follow one request: `__call__` -> `_open_exchange` (a small body read first, so a slow
 sender holds no upstream connection; the request head built by `_request_head`; a pooled
 connection; a larger body pumped by `ClientSide` as it arrives; the response head awaited;
-a stale keep-alive connection retried once when that is safe) -> `Exchange.relay` (the
-response passed on chunk by chunk) -> `Exchange.close`.
+another try, on a new connection, when nothing was sent or the request can be sent again)
+-> `Exchange.relay` (the response passed on chunk by chunk) -> `Exchange.close`.
 
 Every failure before the response starts becomes an edge-made error in the project's
 envelope; after it starts, the client's connection is cut so a truncated body is never
 mistaken for a complete one. Whatever way the exchange ends - client gone, upstream gone,
 an early response, a timeout, cancellation - the upstream connection goes back to the
 pool only if its request was sent completely and its response read completely; otherwise
-it is closed (docs/proxy.md, "Framing the edge can prove").
+it is closed (docs/proxy.md, "Framing the edge can prove"). Which failures are tried
+again, and where: docs/proxy.md, "Several upstream addresses".
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from edge import errors
 from edge.proxy.headers import RESPONSE_HOP_BY_HOP, removable_fields
 from edge.proxy.ingress import ForwardedRequest
 from edge.proxy.upstream import (
+    NoResponse,
     PoolExhausted,
     StaleConnection,
+    UpstreamAddress,
     UpstreamConnection,
     UpstreamError,
     UpstreamPool,
@@ -39,6 +42,7 @@ from edge.scope import FORWARDED_SCOPE_KEY, UPSTREAM_STATUS_SCOPE_KEY, Headers
 
 logger = logging.getLogger("edge.proxy")
 
+# RFC 9110 section 9.2.2: sending one of these twice has the effect of sending it once.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
 CLOSE = [(b"connection", b"close")]
@@ -56,9 +60,10 @@ class ClientDisconnected(Exception):
 
 
 class HttpForwarder:
-    def __init__(self, pool: UpstreamPool, *, buffer_bytes: int) -> None:
+    def __init__(self, pool: UpstreamPool, *, buffer_bytes: int, max_tries: int) -> None:
         self.pool = pool
         self.buffer_bytes = buffer_bytes
+        self.max_tries = max_tries
         self._path_prefix = pool.origin.path_prefix
         self._default_host = pool.origin.authority
 
@@ -136,9 +141,22 @@ class HttpForwarder:
         head = self._request_head(scope, framing_field)
         head_request = scope["method"] == "HEAD"
         # Only a request whose whole body is at hand can be sent again.
-        retryable = complete and scope["method"] in IDEMPOTENT_METHODS
+        resendable = complete and scope["method"] in IDEMPOTENT_METHODS
+        avoid: list[UpstreamAddress] = []  # the addresses that failed this request
+        tries = 1
         while True:
-            connection = await self.pool.acquire()
+            try:
+                connection = await self.pool.acquire(avoid, fresh=tries > 1)
+            except UpstreamError as exc:
+                # No connection, so nothing was sent: another address may be tried, whatever
+                # the method (a stopped replica refuses before any byte of the request).
+                if exc.unreachable is None:
+                    raise
+                avoid.append(exc.unreachable)
+                if not self._may_try_again(tries, avoid):
+                    raise
+                tries += 1
+                continue
             client: ClientSide | None = None
             try:
                 connection.start(head_request=head_request)
@@ -153,11 +171,17 @@ class HttpForwarder:
                     client = ClientSide(receive, connection, pump=framing)
                 status, headers = await connection.read_head()
                 return Exchange(self.pool, connection, client, status, headers)
-            except StaleConnection:
+            except NoResponse as exc:
                 self._end(connection, client)
-                if not retryable:
+                if client is not None:
+                    client.raise_failure()
+                # The request may have been acted on: only one that may be sent twice is sent
+                # again. A stale keep-alive connection says nothing against its address.
+                if not isinstance(exc, StaleConnection):
+                    avoid.append(connection.address)
+                if not resendable or not self._may_try_again(tries, avoid):
                     raise
-                retryable = False
+                tries += 1
             except UpstreamError:
                 self._end(connection, client)
                 if client is not None:
@@ -166,6 +190,9 @@ class HttpForwarder:
             except BaseException:
                 self._end(connection, client)
                 raise
+
+    def _may_try_again(self, tries: int, avoid: list[UpstreamAddress]) -> bool:
+        return tries < self.max_tries and self.pool.has_address_besides(avoid)
 
     def _end(self, connection: UpstreamConnection, client: ClientSide | None) -> None:
         if client is not None:

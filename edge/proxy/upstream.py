@@ -1,4 +1,5 @@
-"""A lean HTTP/1.1 client for the one upstream: keep-alive connections with backpressure.
+"""A lean HTTP/1.1 client for the upstream: keep-alive connections with backpressure,
+spread over every address the upstream's name resolves to.
 
 Chosen by measurement (docs/benchmarks.md): httpx's pool collapses under concurrency here
 and aiohttp costs about three times as much per request as an `asyncio.Protocol` fed
@@ -16,13 +17,25 @@ straight into httptools' C parser. The client does only what a reverse proxy nee
   `Transfer-Encoding`, two lengths) is refused by the parser, and a transfer coding other
   than chunked, which the edge could not pass on faithfully, is refused here: the
   forwarder answers 502.
+
+The upstream's host, unless an IP address, is resolved to all its addresses (re-resolved
+every `resolve_interval` and when an address fails), each with its own idle connections.
+Each exchange goes to the least busy address in rotation, round-robin among equals; an
+address whose connection is refused, times out, or closes before any byte of a response is
+left out for `eject_time`, and never all at once (docs/proxy.md, "Several upstream
+addresses").
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
+import socket
 import ssl
+import time
 from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 from urllib.parse import urlsplit
@@ -31,18 +44,40 @@ import httptools
 
 from edge.scope import Headers
 
+logger = logging.getLogger("edge.proxy")
+
 BUFFER_HIGH = 256 * 1024
+
+# How the upstream's host becomes its addresses: `resolve_host` (the system resolver) but
+# in tests, which cannot make a name resolve to several addresses on a shared machine.
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve_host(host: str, port: int) -> list[str]:
+    """Every address `host` resolves to (the system resolver: /etc/hosts, then DNS)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(sockaddr[0]) for _, _, _, _, sockaddr in infos]
 
 
 class UpstreamError(Exception):
     """The upstream could not complete the exchange."""
+
+    def __init__(self, message: str, *, unreachable: UpstreamAddress | None = None) -> None:
+        super().__init__(message)
+        # Set when no connection to this address could be opened: nothing was sent.
+        self.unreachable = unreachable
 
 
 class UpstreamUnavailable(UpstreamError):
     """Refused, reset, closed early or spoke broken HTTP."""
 
 
-class StaleConnection(UpstreamUnavailable):
+class NoResponse(UpstreamUnavailable):
+    """The connection closed before any byte of the response: the request may or may not
+    have been acted on."""
+
+
+class StaleConnection(NoResponse):
     """A reused keep-alive connection closed before any byte of the response arrived."""
 
 
@@ -81,11 +116,34 @@ class Origin:
         )
 
 
+class UpstreamAddress:
+    """One address of the upstream: its idle connections, how many are busy, and until
+    when it is out of rotation."""
+
+    __slots__ = ("ejected_until", "host", "idle", "in_use", "retired")
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self.idle: list[UpstreamConnection] = []
+        self.in_use = 0
+        self.ejected_until = 0.0
+        self.retired = False
+
+    def retire(self) -> None:
+        """No longer resolved (a replica gone): idle connections close now, busy ones after
+        their exchange."""
+        self.retired = True
+        for connection in self.idle:
+            connection.abort()
+        self.idle.clear()
+
+
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection; `start()` begins an exchange, reads follow."""
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: UpstreamPool, address: UpstreamAddress) -> None:
         self._pool = pool
+        self.address = address
         # Kept: asyncio.get_running_loop() costs a getpid() system call each time.
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
@@ -146,10 +204,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._exchange_active and not self._complete:
             if self._head_done and not self._framed and not self._head_request:
                 self._complete = True  # a body delimited by the end of the connection
-            elif self.reused and not self._received_any:
-                self._fail(StaleConnection("reused connection closed"))
-            else:
+            elif self._received_any:
                 self._fail(UpstreamUnavailable("connection closed during the exchange"))
+            else:
+                self._closed_unanswered()
         self._wake()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_result(None)
@@ -221,6 +279,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset_exchange(head_request=head_request)
         self._exchange_active = True
         self._request_sent = False
+        if self.closed:
+            self._closed_unanswered()  # closed between its connect and now
 
     def end_request(self) -> None:
         """The whole request is written; from now on the upstream's silence is timed."""
@@ -307,6 +367,15 @@ class UpstreamConnection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _closed_unanswered(self) -> None:
+        if self.reused:
+            self._fail(StaleConnection("reused connection closed"))
+        elif self._error is None:
+            # A new connection closed unanswered: the address is failing (a replica stopping,
+            # or stopped). A reused one says nothing against it: the keep-alive race.
+            self._fail(NoResponse("connection closed before the response"))
+            self._pool.eject(self.address, "closed before the response")
+
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
             self._error = error
@@ -319,7 +388,8 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Keep-alive connections to one origin, at most `size` open at a time."""
+    """Keep-alive connections to one origin, at most `size` open at a time over all its
+    addresses."""
 
     def __init__(
         self,
@@ -329,25 +399,38 @@ class UpstreamPool:
         connect_timeout: float,
         read_timeout: float,
         idle_timeout: float,
+        eject_time: float,
+        resolve_interval: float,
+        resolve: Resolve = resolve_host,
     ) -> None:
         self.origin = origin
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.idle_timeout = idle_timeout
-        self._idle: list[UpstreamConnection] = []
+        self.eject_time = eject_time
+        self.resolve_interval = resolve_interval
+        self._resolve = resolve
         self._in_use = 0
         self._slots = asyncio.Semaphore(size)
         self._ssl = ssl.create_default_context() if origin.scheme == "https" else None
+        self._turn = 0
+        # An IP address is its own and only address; a name is followed as it changes.
+        self._addresses = [UpstreamAddress(origin.host)] if _is_ip_address(origin.host) else []
+        self._follows_name = not self._addresses
+        self._resolution: asyncio.Future[None] | None = None
+        self._next_resolution: asyncio.TimerHandle | None = None
 
     @property
     def idle(self) -> int:
-        return len(self._idle)
+        return sum(len(address.idle) for address in self._addresses)
 
     @property
     def in_use(self) -> int:
         return self._in_use
 
-    async def acquire(self) -> UpstreamConnection:
+    async def acquire(self, avoid: Sequence[UpstreamAddress] = (), *, fresh: bool = False) -> UpstreamConnection:
+        """A connection to the least busy address in rotation that is not in `avoid`: one of
+        its idle connections, unless `fresh`, or a new one."""
         if self._slots.locked():
             try:
                 await asyncio.wait_for(self._slots.acquire(), self.connect_timeout)
@@ -356,9 +439,14 @@ class UpstreamPool:
         else:
             await self._slots.acquire()
         self._in_use += 1
+        address: UpstreamAddress | None = None
         try:
-            return self._take_idle() or await self._connect()
+            address = self._pick(self._addresses or await self._resolved(), avoid)
+            address.in_use += 1
+            return (None if fresh else self._take_idle(address)) or await self._connect(address)
         except BaseException:
+            if address is not None:
+                address.in_use -= 1
             self._in_use -= 1
             self._slots.release()
             raise
@@ -366,36 +454,91 @@ class UpstreamPool:
     def release(self, connection: UpstreamConnection) -> None:
         """Return a connection after an exchange; anything not cleanly finished is closed."""
         connection.finish()
-        if connection.reusable:
+        address = connection.address
+        address.in_use -= 1
+        if connection.reusable and not address.retired:
             connection.idle_since = connection.loop.time()
-            self._idle.append(connection)
+            address.idle.append(connection)
         else:
             connection.abort()
         self._in_use -= 1
         self._slots.release()
 
     def forget(self, connection: UpstreamConnection) -> None:
-        if connection in self._idle:
-            self._idle.remove(connection)
+        idle = connection.address.idle
+        if connection in idle:
+            idle.remove(connection)
 
-    async def check(self) -> Literal["up", "down"]:
-        """Whether a new connection can be opened now (readiness)."""
+    def has_address_besides(self, avoid: Sequence[UpstreamAddress]) -> bool:
+        return any(address not in avoid for address in self._addresses)
+
+    def eject(self, address: UpstreamAddress, failure: str) -> None:
+        """Takes a failing address out of rotation for `eject_time` (passive health checking),
+        and has the name resolved again: the replica may be gone for good."""
+        now = time.monotonic()
+        if address.ejected_until > now:
+            return
+        address.ejected_until = now + self.eject_time
+        out = sum(known.ejected_until > now for known in self._addresses)
+        logger.warning(
+            "upstream address failing (%s): left out for %g s; %d of %d out%s",
+            failure,
+            self.eject_time,
+            out,
+            len(self._addresses),
+            "; all are tried anyway" if out >= len(self._addresses) else "",
+        )
+        self._resolve_soon()
+
+    async def check(self) -> Literal["up", "degraded", "down"]:
+        """Whether new connections can be opened now (readiness): to every address `up`, to
+        some `degraded`, to none `down`."""
         try:
-            connection = await self._connect()
+            addresses = self._addresses or await self._resolved()
         except UpstreamError:
             return "down"
-        connection.abort()
-        return "up"
+        answered = await asyncio.gather(*(self._answers(address) for address in addresses))
+        if all(answered):
+            return "up"
+        return "degraded" if any(answered) else "down"
 
     def close(self) -> None:
-        for connection in self._idle:
-            connection.abort()
-        self._idle.clear()
+        """Closes the idle connections and stops following the name."""
+        for address in self._addresses:
+            for connection in address.idle:
+                connection.abort()
+            address.idle.clear()
+        self._follows_name = False
+        if self._next_resolution is not None:
+            self._next_resolution.cancel()
+        if self._resolution is not None:
+            self._resolution.cancel()
 
-    def _take_idle(self) -> UpstreamConnection | None:
-        while self._idle:
+    def _pick(self, addresses: list[UpstreamAddress], avoid: Sequence[UpstreamAddress]) -> UpstreamAddress:
+        if len(addresses) == 1 and not avoid:
+            return addresses[0]  # the common case: nothing to choose
+        candidates = [address for address in addresses if address not in avoid]
+        if not candidates:
+            raise UpstreamUnavailable("every upstream address failed")
+        now = time.monotonic()
+        # Never all out at once: when every candidate is out, all are tried (panic mode).
+        in_rotation = [address for address in candidates if address.ejected_until <= now] or candidates
+        # The least busy, round-robin among equals: a replica held by long turns gets fewer.
+        count = len(in_rotation)
+        start = self._turn % count
+        self._turn += 1
+        chosen = in_rotation[start]
+        for step in range(1, count):
+            address = in_rotation[(start + step) % count]
+            if address.in_use < chosen.in_use:
+                chosen = address
+        return chosen
+
+    def _take_idle(self, address: UpstreamAddress) -> UpstreamConnection | None:
+        idle = address.idle
+        while idle:
             # Most recently used first: the least likely to have been closed by the upstream.
-            connection = self._idle.pop()
+            connection = idle.pop()
             if connection.closed or connection.loop.time() - connection.idle_since > self.idle_timeout:
                 connection.abort()
                 continue
@@ -403,20 +546,83 @@ class UpstreamPool:
             return connection
         return None
 
-    async def _connect(self) -> UpstreamConnection:
+    async def _connect(self, address: UpstreamAddress) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         origin = self.origin
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, connection = await loop.create_connection(
-                    lambda: UpstreamConnection(self),
-                    origin.host,
+                    lambda: UpstreamConnection(self, address),
+                    address.host,
                     origin.port,
                     ssl=self._ssl,
                     server_hostname=origin.host if self._ssl else None,
                 )
         except TimeoutError:
-            raise UpstreamTimeout("connect timed out") from None
+            self.eject(address, "connect timed out")
+            raise UpstreamTimeout("connect timed out", unreachable=address) from None
         except OSError as exc:
-            raise UpstreamUnavailable("connect failed") from exc
+            self.eject(address, "connect failed")
+            raise UpstreamUnavailable("connect failed", unreachable=address) from exc
+        address.ejected_until = 0.0  # it answers again
         return connection
+
+    async def _answers(self, address: UpstreamAddress) -> bool:
+        try:
+            connection = await self._connect(address)
+        except UpstreamError:
+            return False
+        connection.abort()
+        return True
+
+    # -- following the name ----------------------------------------------------------------
+
+    async def _resolved(self) -> list[UpstreamAddress]:
+        """The addresses once the name has been resolved (before the first exchange, or
+        while it has never resolved)."""
+        self._resolve_soon()
+        if self._resolution is not None:
+            await asyncio.shield(self._resolution)
+        if not self._addresses:
+            raise UpstreamUnavailable("the upstream name did not resolve")
+        return self._addresses
+
+    def _resolve_soon(self) -> None:
+        """Resolves the name now, unless that is already under way."""
+        if self._follows_name and (self._resolution is None or self._resolution.done()):
+            if self._next_resolution is not None:
+                self._next_resolution.cancel()
+            self._resolution = asyncio.ensure_future(self._resolve_name())
+
+    async def _resolve_name(self) -> None:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                hosts = await self._resolve(self.origin.host, self.origin.port)
+        except (OSError, TimeoutError) as exc:
+            hosts = []
+            failure = "timed out" if isinstance(exc, TimeoutError) else "failed"
+        else:
+            failure = "gave no address"
+        if hosts:
+            self._follow(hosts)
+        else:
+            # Kept: an empty answer or a resolver hiccup must not take every address away.
+            logger.warning("upstream name resolution %s; %d known addresses kept", failure, len(self._addresses))
+        self._next_resolution = asyncio.get_running_loop().call_later(self.resolve_interval, self._resolve_soon)
+
+    def _follow(self, hosts: list[str]) -> None:
+        resolved = dict.fromkeys(hosts)
+        known = {address.host: address for address in self._addresses}
+        for address in self._addresses:
+            if address.host not in resolved:
+                address.retire()
+        kept = [address for address in self._addresses if not address.retired]
+        self._addresses = kept + [UpstreamAddress(host) for host in resolved if host not in known]
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
