@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint typecheck install lock services test-tools bench
+.PHONY: run test test-containers lint typecheck install lock services test-tools bench
 
 $(INSTALLED): requirements/dev.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ run: install
 
 test: install services test-tools lint typecheck
 	$(BIN)/pytest
+	@$(MAKE) --no-print-directory test-containers
+
+# The images and the compose stack on a private Docker engine, which the script installs,
+# starts and stops (root; skipped, saying why, otherwise): docs/deployment.md.
+test-containers: install
+	$(BIN)/python scripts/container_engine.py run -- $(BIN)/pytest tests/test_containers.py -s
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,0 +1,399 @@
+"""The images and the compose stack, checked statically and on a real Docker engine.
+
+The static checks (hadolint, `docker compose config`, the compose file's contract) run
+everywhere. The rest needs an engine: `make test-containers` runs this module under
+scripts/container_engine.py, which provides a private one and a locally made base image
+(CONTAINER_ENGINE, CONTAINER_BASE_IMAGE); anywhere else those tests skip, saying why. They
+build both images, bring the default stack up under a project name of their own on a free
+loopback port, and always take it down with its volume. Figures they measure are printed
+as `measured:` lines (docs/deployment.md#running-the-container-tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.app_support import new_port
+from tests.processes import PROJECT_ROOT
+
+VENV_BIN = Path(sys.executable).parent
+COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
+PROVIDERS_FILE = PROJECT_ROOT / "compose.providers.yml"
+DOCKERFILES = {"edge": PROJECT_ROOT / "Dockerfile.edge", "app": PROJECT_ROOT / "Dockerfile.app"}
+SIZE_GOALS_MB = {"edge": 200, "app": 450}
+NON_ROOT = "10001"
+TEST_TAG = "containers-test"
+# The shortest drain of the stack (EDGE_DRAIN_TIMEOUT): an idle stack stops well within it.
+DRAIN_S = 20.0
+UP_TIMEOUT_S = 180
+
+# The first engine test also builds both images (minutes on a cold cache).
+pytestmark = pytest.mark.timeout(900)
+
+ENGINE = os.environ.get("CONTAINER_ENGINE")
+needs_engine = pytest.mark.skipif(
+    not ENGINE,
+    reason=os.environ.get("CONTAINER_ENGINE_UNAVAILABLE")
+    or "needs a Docker engine: `make test-containers` runs these tests with a private one",
+)
+
+
+def measured(figure: str) -> None:
+    print(f"measured: {figure}", flush=True)
+
+
+def run(
+    *command: str | Path, env: dict[str, str] | None = None, timeout: float = 120, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(part) for part in command],
+        cwd=PROJECT_ROOT,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def compose_config(*files: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The compose model as Compose itself resolves it (interpolated, merged, defaulted)."""
+    arguments = [argument for file in files for argument in ("-f", str(file))]
+    completed = run(VENV_BIN / "docker-compose", *arguments, "config", "--format", "json", env=env)
+    assert completed.returncode == 0, completed.stderr
+    document: dict[str, Any] = json.loads(completed.stdout)
+    return document
+
+
+def clean_environment(**values: str) -> dict[str, str]:
+    """This process's environment without a stray setting the compose files read."""
+    read = ("IMAGE_TAG", "EDGE_PUBLISHED_PORT", "GROQ_API_KEY", "ELEVENLABS_API_KEY", "ENVIRONMENT", "COMPOSE_")
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(read)}, **values}
+
+
+# -- static: everywhere ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_dockerfile_is_hadolint_clean(image: str) -> None:
+    completed = run(VENV_BIN / "hadolint", "--failure-threshold", "warning", DOCKERFILES[image])
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_compose_files_are_valid() -> None:
+    for files in ((COMPOSE_FILE,), (COMPOSE_FILE, PROVIDERS_FILE)):
+        arguments = [argument for file in files for argument in ("-f", str(file))]
+        env = clean_environment(GROQ_API_KEY="key", ELEVENLABS_API_KEY="key")
+        completed = run(VENV_BIN / "docker-compose", *arguments, "config", "--quiet", env=env)
+        assert completed.returncode == 0, completed.stderr
+        for file in files:
+            schema = run(VENV_BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", file)
+            assert schema.returncode == 0, schema.stdout + schema.stderr
+
+
+def test_the_default_stack_publishes_only_the_edge_on_loopback_and_bounds_every_service() -> None:
+    config = compose_config(COMPOSE_FILE, env=clean_environment())
+    services = config["services"]
+    assert sorted(services) == ["app", "edge", "sim"]
+    assert services["edge"]["ports"] == [
+        {"mode": "ingress", "host_ip": "127.0.0.1", "target": 8080, "published": "8080", "protocol": "tcp"}
+    ]
+    drains = {"edge": DRAIN_S, "app": 65.0, "sim": 5.0}  # EDGE_/APP_DRAIN_TIMEOUT, sim's own
+    for name, service in services.items():
+        if name != "edge":
+            assert "ports" not in service, name
+            assert list(service["networks"]) == ["internal"], name
+        assert service["image"].endswith(":0.1.0"), name  # our own images, by IMAGE_TAG
+        assert service["init"] is True, name
+        limits = service["deploy"]["resources"]["limits"]
+        assert float(limits["cpus"]) > 0, name
+        assert 0 < int(limits["memory"]) <= 1024**3, name
+        assert service["logging"]["driver"] == "json-file", name
+        assert set(service["logging"]["options"]) == {"max-size", "max-file"}, name
+        assert {"interval", "timeout", "retries"} <= set(service["healthcheck"]), name
+        grace_s = parse_duration(service["stop_grace_period"])
+        assert grace_s > drains[name], name
+    for name, drain_variable in (("edge", "EDGE_DRAIN_TIMEOUT"), ("app", "APP_DRAIN_TIMEOUT")):
+        assert float(services[name]["environment"][drain_variable]) == drains[name]
+    assert services["edge"]["depends_on"]["app"]["condition"] == "service_healthy"
+    assert services["app"]["depends_on"]["sim"]["condition"] == "service_healthy"
+    assert services["app"]["volumes"] == [{"type": "volume", "source": "app-data", "target": "/app/data", "volume": {}}]
+    assert config["networks"]["internal"]["internal"] is True
+    assert "internal" not in config["networks"]["public"]
+
+
+def test_the_published_port_and_image_tag_are_variables() -> None:
+    config = compose_config(COMPOSE_FILE, env=clean_environment(EDGE_PUBLISHED_PORT="18080", IMAGE_TAG="1.2.3"))
+    assert config["services"]["edge"]["ports"][0]["published"] == "18080"
+    assert {service["image"] for service in config["services"].values()} == {
+        "voice-companion/edge:1.2.3",
+        "voice-companion/app:1.2.3",
+    }
+
+
+def test_real_providers_need_both_keys_from_the_environment_and_leave_the_simulator_out() -> None:
+    missing = run(
+        VENV_BIN / "docker-compose", "-f", COMPOSE_FILE, "-f", PROVIDERS_FILE, "config", "--quiet",
+        env=clean_environment(GROQ_API_KEY="key"),
+    )  # fmt: skip
+    assert missing.returncode != 0
+    assert "ELEVENLABS_API_KEY" in missing.stderr
+
+    env = clean_environment(GROQ_API_KEY="groq-key", ELEVENLABS_API_KEY="elevenlabs-key")
+    config = compose_config(COMPOSE_FILE, PROVIDERS_FILE, env=env)
+    assert sorted(config["services"]) == ["app", "edge"]
+    app = config["services"]["app"]
+    assert app["environment"]["GROQ_API_KEY"] == "groq-key"
+    assert app["environment"]["ELEVENLABS_API_KEY"] == "elevenlabs-key"
+    assert app["environment"]["GROQ_BASE_URL"] == "https://api.groq.com/openai/v1"
+    assert app["environment"]["ENVIRONMENT"] == "production"
+    assert sorted(app["networks"]) == ["egress", "internal"]
+    assert "ports" not in app
+
+
+def parse_duration(value: str) -> float:
+    """Compose's normalised duration (`1m15s`, `30s`) in seconds."""
+    minutes, _, seconds = value.rpartition("m")
+    return float(minutes or 0) * 60 + float(seconds.rstrip("s") or 0)
+
+
+# -- on an engine ------------------------------------------------------------------------------------------
+
+
+def docker(
+    *arguments: str | Path, env: dict[str, str] | None = None, timeout: float = 120, stdin: str | None = None
+) -> str:
+    docker_command = shutil.which("docker")
+    assert docker_command is not None
+    completed = run(docker_command, *arguments, env=env, timeout=timeout, stdin=stdin)
+    assert completed.returncode == 0, f"docker {' '.join(map(str, arguments))}:\n{completed.stdout}{completed.stderr}"
+    return completed.stdout
+
+
+@dataclass(frozen=True)
+class Images:
+    tag: str
+    revision: str
+
+    def name(self, image: str) -> str:
+        return f"voice-companion/{image}:{self.tag}"
+
+
+@pytest.fixture(scope="module")
+def images() -> Images:
+    base = os.environ.get("CONTAINER_BASE_IMAGE")
+    revision = run("git", "rev-parse", "HEAD").stdout.strip()
+    built = Images(TEST_TAG, revision)
+    for image, dockerfile in sorted(DOCKERFILES.items()):
+        build_arguments = ["--build-arg", f"REVISION={revision}"]
+        if base:
+            build_arguments += ["--build-arg", f"BASE_IMAGE={base}"]
+        started = time.monotonic()
+        docker(
+            "build", "--network", "host", "--file", dockerfile, "--tag", built.name(image), *build_arguments, ".",
+            timeout=600,
+        )  # fmt: skip
+        seconds = time.monotonic() - started
+        # The image this tag named before is left untagged: removed (the build stages stay, as cache).
+        docker("image", "prune", "--force", "--filter", f"label=org.opencontainers.image.title=voice-companion-{image}")
+        size_mb = int(docker("image", "inspect", "--format", "{{.Size}}", built.name(image))) / 1e6
+        measured(f"{image} image built in {seconds:.0f} s, {size_mb:.0f} MB")
+    return built
+
+
+@needs_engine
+@pytest.mark.parametrize("image", sorted(DOCKERFILES))
+def test_image_is_small_labelled_non_root_and_free_of_build_tools(images: Images, image: str) -> None:
+    [inspected] = json.loads(docker("image", "inspect", images.name(image)))
+    assert inspected["Size"] / 1e6 <= SIZE_GOALS_MB[image]
+    config = inspected["Config"]
+    assert config["User"] == f"{NON_ROOT}:{NON_ROOT}"
+    assert config["Labels"]["org.opencontainers.image.revision"] == images.revision
+    assert config["Labels"]["org.opencontainers.image.title"] == f"voice-companion-{image}"
+    assert config["Cmd"] == ["python", "-m", image]
+    assert config["Entrypoint"] is None
+    assert config["Healthcheck"]["Test"][0] == "CMD"
+    probe = (
+        "import shutil, sys; print(' '.join(t for t in ('gcc', 'cc', 'g++', 'make', 'ld') if shutil.which(t)));"
+        "print(sys.prefix)"
+    )
+    tools, prefix = docker("run", "--rm", "--network", "none", images.name(image), "python", "-c", probe).split("\n")[
+        :2
+    ]
+    assert tools == ""
+    assert prefix == "/opt/venv"
+    listing = docker("run", "--rm", "--network", "none", images.name(image), "ls", "/opt/venv/bin", "/app").split()
+    assert "pip" not in listing
+    assert {"tests", "bench", "docs", ".venv", ".git"}.isdisjoint(listing)
+
+
+@needs_engine
+def test_the_build_context_holds_only_the_code_and_the_locks(images: Images) -> None:
+    """What `.dockerignore` lets through, listed by a build of that context."""
+    listing_dockerfile = (
+        f"FROM {images.name('edge')}\nCOPY . /tmp/context\n"
+        'RUN ["python", "-c", "import os; print(sorted(os.listdir(\'/tmp/context\')), '
+        "sorted(os.listdir('/tmp/context/requirements')), "
+        "any('__pycache__' in d for _, d, _ in os.walk('/tmp/context')))\"]\n"
+    )
+    listing = f"voice-companion/context-listing:{TEST_TAG}"
+    try:
+        output = docker(
+            "build", "--no-cache", "--network", "none", "--tag", listing, "--file", "-", ".", stdin=listing_dockerfile
+        )  # fmt: skip
+    finally:
+        run(shutil.which("docker") or "docker", "image", "rm", "--force", listing)
+    assert "['app', 'common', 'config', 'edge', 'requirements', 'sim'] ['app.lock', 'edge.lock'] False" in output
+
+
+@dataclass
+class Stack:
+    project: str
+    env: dict[str, str]
+    url: str
+    files: tuple[Path, ...] = (COMPOSE_FILE,)
+
+    def compose(self, *arguments: str, timeout: float = UP_TIMEOUT_S) -> str:
+        files = [argument for file in self.files for argument in ("-f", str(file))]
+        return docker("compose", "--project-name", self.project, *files, *arguments, env=self.env, timeout=timeout)
+
+    def up(self) -> float:
+        """`up --wait`: the seconds until every service is healthy."""
+        started = time.monotonic()
+        try:
+            self.compose("up", "--detach", "--wait")
+        except AssertionError as failure:
+            raise AssertionError(f"{failure}\n{self.compose('logs', '--no-color')}") from None
+        return time.monotonic() - started
+
+    def down(self, *arguments: str) -> float:
+        started = time.monotonic()
+        self.compose("down", *arguments)
+        return time.monotonic() - started
+
+    def container(self, service: str) -> dict[str, Any]:
+        [container_id] = self.compose("ps", "--quiet", service).split()
+        [inspected] = json.loads(docker("inspect", container_id))
+        document: dict[str, Any] = inspected
+        return document
+
+
+@pytest.fixture(scope="module")
+def stack(images: Images) -> Iterator[Stack]:
+    port = new_port()
+    running = Stack(
+        project=f"voice-test-{secrets.token_hex(4)}",
+        env=clean_environment(IMAGE_TAG=images.tag, EDGE_PUBLISHED_PORT=str(port)),
+        url=f"http://127.0.0.1:{port}",
+    )
+    try:
+        measured(f"default stack up and healthy in {running.up():.1f} s")
+        yield running
+    finally:
+        running.down("--volumes", "--timeout", "30")
+
+
+@needs_engine
+def test_the_smoke_test_passes_through_the_published_edge(stack: Stack) -> None:
+    completed = run(sys.executable, PROJECT_ROOT / "scripts" / "smoke.py", stack.url, timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert len(completed.stdout.splitlines()) == 8, completed.stdout
+
+
+@needs_engine
+@pytest.mark.parametrize("service", ["edge", "app", "sim"])
+def test_every_process_runs_as_the_non_root_user(stack: Stack, service: str) -> None:
+    assert stack.compose("exec", "-T", service, "id", "-u").strip() == NON_ROOT
+    # PID 1 is Docker's init (init: true), which passes SIGTERM on to Python.
+    command_line = stack.compose("exec", "-T", service, "cat", "/proc/1/cmdline").split("\0")
+    assert command_line[0].endswith("docker-init"), command_line
+
+
+@needs_engine
+@pytest.mark.parametrize("service", ["app", "sim"])
+def test_the_internal_services_are_not_reachable_from_the_host(stack: Stack, service: str) -> None:
+    container = stack.container(service)
+    assert not any(container["NetworkSettings"]["Ports"].values()), container["NetworkSettings"]["Ports"]
+    addresses = [network["IPAddress"] for network in container["NetworkSettings"]["Networks"].values()]
+    assert addresses
+    port, path = ("8000", "/api/v1/health") if service == "app" else ("9100", "/_sim/health")
+    for address in addresses:
+        try:
+            # Anything may answer an address the host has no route to (an egress proxy):
+            # never the service itself.
+            answer = httpx.get(f"http://{address}:{port}{path}", timeout=3, trust_env=False)
+            assert answer.status_code != 200 or '"status":"' not in answer.text, answer.text
+        except httpx.HTTPError:
+            pass
+    # The same request from the edge, on the internal network, is answered: the probe works.
+    from_edge = stack.compose(
+        "exec", "-T", "edge", "python", "-c",
+        f"import urllib.request as u; print(u.urlopen('http://{service}:{port}{path}', timeout=3).status)",
+    )  # fmt: skip
+    assert from_edge.strip() == "200"
+
+
+@needs_engine
+def test_data_survives_down_and_up_and_down_is_within_the_drain_time(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.url, trust_env=False, timeout=30) as client:
+        session = client.post("/api/v1/sessions").json()["session_id"]
+        turn = client.post(f"/api/v1/sessions/{session}/turns", json={"text": "Remember: my cat is Tom."})
+        assert turn.status_code == 200, turn.text
+
+    down_s = stack.down()
+    measured(f"default stack down in {down_s:.1f} s")
+    assert down_s < DRAIN_S
+    measured(f"default stack up again, healthy in {stack.up():.1f} s")
+
+    with httpx.Client(base_url=stack.url, trust_env=False, timeout=30) as client:
+        kept = client.get(f"/api/v1/sessions/{session}")
+        assert kept.status_code == 200, kept.text
+        assert kept.json()["messages"][0]["text"] == "Remember: my cat is Tom."
+        assert client.delete(f"/api/v1/sessions/{session}").status_code == 204
+
+
+@needs_engine
+def test_stop_reaches_every_process_which_exits_cleanly(stack: Stack) -> None:
+    """SIGTERM gets to Python, which drains and exits 0: not killed at the grace period (137)."""
+    started = time.monotonic()
+    stack.compose("stop")
+    stop_s = time.monotonic() - started
+    measured(f"default stack stopped in {stop_s:.1f} s")
+    for service in ("edge", "app", "sim"):
+        [container_id] = stack.compose("ps", "--all", "--quiet", service).split()
+        assert docker("inspect", "--format", "{{.State.ExitCode}}", container_id).strip() == "0", service
+    assert stop_s < DRAIN_S
+
+
+@needs_engine
+def test_with_real_provider_keys_the_stack_comes_up_without_the_simulator(images: Images) -> None:
+    port = new_port()
+    providers = Stack(
+        project=f"voice-test-{secrets.token_hex(4)}",
+        env=clean_environment(
+            IMAGE_TAG=images.tag, EDGE_PUBLISHED_PORT=str(port), GROQ_API_KEY="unused", ELEVENLABS_API_KEY="unused"
+        ),
+        url=f"http://127.0.0.1:{port}",
+        files=(COMPOSE_FILE, PROVIDERS_FILE),
+    )
+    try:
+        measured(f"providers stack up and healthy in {providers.up():.1f} s")
+        assert sorted(providers.compose("ps", "--services").split()) == ["app", "edge"]
+        ready = httpx.get(f"{providers.url}/api/v1/ready", trust_env=False, timeout=10)
+        assert ready.status_code == 200, ready.text
+    finally:
+        providers.down("--volumes", "--timeout", "30")
