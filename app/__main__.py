@@ -19,6 +19,7 @@ from app.observability import RedactCapabilities
 from app.outbound import OutboundSettings
 from app.settings import AppSettings, load_settings
 from app.storage.data_dir import restrict_umask
+from common.listen import ALL_ADDRESSES_V6, dual_stack_socket
 from common.logs import log_config
 from common.settings import ConfigurationError, load
 
@@ -47,7 +48,7 @@ def main() -> int:
     # own turns that into a normal exit (status 0).
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings, outbound_settings),
         host=settings.host,
         port=settings.port,
@@ -62,6 +63,8 @@ def main() -> int:
         # and its memory write is not lost.
         timeout_graceful_shutdown=settings.drain_timeout,
     )
+    sockets = [dual_stack_socket(settings.port)] if settings.host == ALL_ADDRESSES_V6 else None
+    uvicorn.Server(config).run(sockets=sockets)
     return 0
 
 
