@@ -17,7 +17,7 @@ run: install
 	$(BIN)/python scripts/run_stack.py
 
 test: install services test-tools lint typecheck
-	$(BIN)/pytest
+	$(BIN)/pytest --cov
 	@$(MAKE) --no-print-directory test-containers
 
 # The images and the compose stack on a private Docker engine, which the script installs,
