@@ -409,3 +409,14 @@ def test_make_test_ci_and_codecov_hold_one_coverage_gate() -> None:
 
     status = load_yaml(CODECOV)["coverage"]["status"]["project"]["default"]
     assert status["target"] == f"{coverage['report']['fail_under']}%"
+
+
+def test_ci_runs_the_container_tests_as_make_test_containers_does() -> None:
+    makefile = (PROJECT_ROOT / "Makefile").read_text()
+    recipe = makefile.split("\ntest-containers:", 1)[1].split("\n\n", 1)[0]
+    pytest_line = re.search(r"\$\(BIN\)/pytest ([^\n]+)", recipe)
+    assert pytest_line, recipe
+    job = load_yaml(CI)["jobs"]["containers"]
+    (step,) = [step for step in job["steps"] if "pytest" in step.get("run", "")]
+    assert step["run"] == f".venv/bin/pytest {pytest_line[1]}"
+    assert step["env"]["CONTAINER_ENGINE"]
