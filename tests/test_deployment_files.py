@@ -366,7 +366,12 @@ def test_the_deploy_follows_a_passing_ci_on_main_from_a_protected_environment() 
     assert "github.event.workflow_run.conclusion == 'success'" in job["if"]
     assert "github.event.workflow_run.event == 'push'" in job["if"]
     assert job["environment"]["name"] == "production"
-    assert job["env"]["RAILWAY_TOKEN"] == "${{ secrets.RAILWAY_TOKEN }}"
+    # The token only where Railway is called: not in the actions' or the installers' reach.
+    assert "RAILWAY_TOKEN" not in job.get("env", {})
+    for step in job["steps"]:
+        calls_railway = re.search(r"\brailway [a-z]|railway-deployments\.sh", step.get("run", "")) is not None
+        has_token = step.get("env", {}).get("RAILWAY_TOKEN") == "${{ secrets.RAILWAY_TOKEN }}"
+        assert has_token == (calls_railway or "RAILWAY_TOKEN" in step.get("run", "")), step.get("name")
 
 
 def test_a_failed_smoke_test_rolls_back() -> None:
