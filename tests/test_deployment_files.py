@@ -362,9 +362,12 @@ def test_the_deploy_follows_a_passing_ci_on_main_from_a_protected_environment() 
     assert trigger == {"workflows": [ci["name"]], "types": ["completed"], "branches": ["main"]}
     assert ci["on"]["push"]["branches"] == ["main"]
     assert "pull_request" in ci["on"]
-    (job,) = deploy["jobs"].values()
-    assert "github.event.workflow_run.conclusion == 'success'" in job["if"]
-    assert "github.event.workflow_run.event == 'push'" in job["if"]
+    newest, job = deploy["jobs"]["newest"], deploy["jobs"]["deploy"]
+    assert "github.event.workflow_run.conclusion == 'success'" in newest["if"]
+    assert "github.event.workflow_run.event == 'push'" in newest["if"]
+    # Never an older commit over a newer one: CI runs on main may finish out of order.
+    assert job["needs"] == "newest"
+    assert job["if"] == "needs.newest.outputs.deploy == 'true'"
     assert job["environment"]["name"] == "production"
     # The token only where Railway is called: not in the actions' or the installers' reach.
     assert "RAILWAY_TOKEN" not in job.get("env", {})
@@ -375,7 +378,7 @@ def test_the_deploy_follows_a_passing_ci_on_main_from_a_protected_environment() 
 
 
 def test_a_failed_smoke_test_rolls_back() -> None:
-    (job,) = load_yaml(DEPLOY)["jobs"].values()
+    job = load_yaml(DEPLOY)["jobs"]["deploy"]
     names = [step.get("name", "") for step in job["steps"]]
     runs = [step.get("run", "") for step in job["steps"]]
     smoke = next(index for index, run in enumerate(runs) if 'scripts/smoke.py "$PUBLIC_URL"' in run)
