@@ -1,14 +1,17 @@
-"""`python scripts/smoke.py BASE_URL`: does a deployment work, end to end, through its edge?
+"""`python scripts/smoke.py [--recording FILE.wav] BASE_URL`: does a deployment work, end to
+end, through its edge?
 
 One line per step, in order, on standard output: `smoke: <step> ok (<ms> ms)`, or
 `FAIL: <step>: <reason>` and no further steps (but the session made is still deleted).
 Exit status 0 only if every step passed, 1 otherwise, 2 for a bad argument.
 
 The steps: the edge's readiness (`/_edge/ready`), the app's through the edge
-(`/api/v1/ready`), a new session, a text turn, a voice turn with a recording this script
-makes itself (WAV, a voiced buzz), the voice turn's reply audio (`audio_url`), and the
-session's deletion, checked by a 404 after it. A turn passes only with a reply, its audio
-and nothing degraded. Nothing it prints names a session or audio id (they are capabilities).
+(`/api/v1/ready`), a new session, a text turn, a voice turn, the voice turn's reply audio
+(`audio_url`), and the session's deletion, checked by a 404 after it. The recording is a
+WAV given with `--recording` (real speech, for a real transcriber) or one this script
+makes (a voiced buzz: the simulator transcribes it, a real transcriber hears no words). A
+turn passes only with a reply, its audio and nothing degraded. Nothing it prints names a
+session or audio id (they are capabilities).
 Works against any deployment: `make run`, the compose stack, a hosted one
 (docs/deployment.md#the-smoke-test).
 """
@@ -23,6 +26,7 @@ import time
 import wave
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,6 +48,7 @@ class StepFailed(Exception):
 @dataclass
 class Smoke:
     client: httpx.Client
+    recording: bytes
     session_path: str | None = None
     audio_url: str | None = None
 
@@ -72,7 +77,7 @@ class Smoke:
         check_turn(expect(response, 200))
 
     def voice_turn(self) -> None:
-        files = {"audio": ("smoke.wav", voiced_recording(), "audio/wav")}
+        files = {"audio": ("smoke.wav", self.recording, "audio/wav")}
         document = expect(self.client.post(f"{self.session()}/turns", files=files, timeout=TURN_TIMEOUT_S), 200)
         if not str(document.get("transcript") or "").strip():
             raise StepFailed("the turn has no transcript")
@@ -189,12 +194,23 @@ def is_mp3(data: bytes) -> bool:
     return data.startswith(b"ID3") or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0)
 
 
+USAGE = "usage: smoke.py [--recording FILE.wav] BASE_URL   (e.g. http://127.0.0.1:8080)"
+
+
 def main(arguments: list[str]) -> int:
+    recording = voiced_recording()
+    if len(arguments) == 3 and arguments[0] == "--recording":
+        try:
+            recording = Path(arguments[1]).read_bytes()
+        except OSError as error:
+            print(f"smoke.py: cannot read the recording: {error.strerror}", file=sys.stderr)
+            return 2
+        arguments = arguments[2:]
     if len(arguments) != 1 or urlsplit(arguments[0]).scheme not in ("http", "https"):
-        print("usage: smoke.py BASE_URL   (e.g. http://127.0.0.1:8080)", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     with httpx.Client(base_url=arguments[0].rstrip("/"), timeout=REQUEST_TIMEOUT_S) as client:
-        smoke = Smoke(client)
+        smoke = Smoke(client, recording)
         steps = (
             ("edge ready", smoke.edge_ready),
             ("app ready", smoke.app_ready),

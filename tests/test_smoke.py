@@ -5,9 +5,11 @@ compose stack's run is in tests/test_containers.py."""
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -38,9 +40,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
 
 
-def smoke(url: str) -> subprocess.CompletedProcess[str]:
+def smoke(url: str, *options: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SMOKE), url], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, str(SMOKE), *options, url], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120
     )
 
 
@@ -87,4 +89,24 @@ def test_an_unreachable_deployment_fails_the_first_step() -> None:
 def test_a_base_url_that_is_not_http_is_refused() -> None:
     completed = smoke("127.0.0.1:8080")
     assert completed.returncode == 2
-    assert "usage: smoke.py BASE_URL" in completed.stderr
+    assert "usage: smoke.py [--recording FILE.wav] BASE_URL" in completed.stderr
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make test installs it)")
+def test_a_recording_of_real_speech_can_be_given(stack: Stack, tmp_path: Path) -> None:
+    """What the deploy workflow does, so a real transcriber hears words."""
+    recording = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(recording), "Hello, this is a smoke test."], check=True, timeout=30)
+    httpx.post(f"{stack.sim_url}/_sim/reset", timeout=5).raise_for_status()
+    completed = smoke(stack.edge_url, "--recording", str(recording))
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert passed_steps(completed.stdout.splitlines()) == STEPS
+    # The simulator saw that file, not the script's own buzz.
+    transcriptions = [line for line in stack.output().splitlines() if "audio/transcriptions" in line]
+    assert transcriptions, stack.output()[-2000:]
+
+
+def test_a_recording_that_cannot_be_read_is_a_usage_error(tmp_path: Path) -> None:
+    completed = smoke("http://127.0.0.1:9", "--recording", str(tmp_path / "missing.wav"))
+    assert completed.returncode == 2
+    assert completed.stderr == "smoke.py: cannot read the recording: No such file or directory\n"
