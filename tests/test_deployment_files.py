@@ -381,7 +381,9 @@ def test_a_failed_smoke_test_rolls_back() -> None:
     job = load_yaml(DEPLOY)["jobs"]["deploy"]
     names = [step.get("name", "") for step in job["steps"]]
     runs = [step.get("run", "") for step in job["steps"]]
-    smoke = next(index for index, run in enumerate(runs) if 'scripts/smoke.py --recording smoke.wav "$PUBLIC_URL"' in run)
+    smoke = next(
+        index for index, run in enumerate(runs) if 'scripts/smoke.py --recording smoke.wav "$PUBLIC_URL"' in run
+    )
     deploys = [index for index, run in enumerate(runs) if "railway up" in run]
     rollback = next(index for index, run in enumerate(runs) if "railway-deployments.sh rollback" in run)
     assert deploys, names
