@@ -37,7 +37,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     APP_HOST=0.0.0.0 \
-    APP_DATA_DIR=/app/data
+    APP_DATA_DIR=/app/data \
+    APP_RUN_AS_USER=10001:10001
+# Started as root instead (a platform volume mounted root-owned; Railway's
+# RAILWAY_RUN_UID=0), the app gives /app/data to 10001 and becomes it before it opens anything.
 USER 10001:10001
 EXPOSE 8000
 # The process's own liveness, on the port it listens on (APP_PORT, else 8000); no proxy,

@@ -18,7 +18,7 @@ import uvicorn
 from app.observability import RedactCapabilities
 from app.outbound import OutboundSettings
 from app.settings import AppSettings, load_settings
-from app.storage.data_dir import restrict_umask
+from app.storage.data_dir import become, restrict_umask
 from common.listen import ALL_ADDRESSES_V6, dual_stack_socket
 from common.logs import log_config
 from common.settings import ConfigurationError, load
@@ -39,6 +39,8 @@ def main() -> int:
     except ConfigurationError as error:
         print(f"app: {error}", file=sys.stderr)
         return 2
+    if settings.run_as_user is not None:
+        become(settings.run_as_user, settings.data_dir)  # before anything is opened there
     # numpy's BLAS would spread every vector search over all cores and busy-wait on them
     # (measured: twice the CPU for the same time); an async server wants one thread.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

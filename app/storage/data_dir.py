@@ -6,6 +6,11 @@ and its libraries create there - the SQLite database and its -wal and -shm files
 audio, the embedded Qdrant's files - is owner-only from the moment it exists (sqlite and
 qdrant-client take no mode of their own). `secure` makes the directory and puts right
 what an older version left group- or world-readable, at every start.
+
+A platform volume may be mounted owned by root (Railway's is), where the image's user
+cannot write. Started as root with `APP_RUN_AS_USER` set, the app gives the directory to
+that user and becomes it before anything else (`become`), so it never runs as root
+(docs/deployment.md#the-volume-and-its-owner).
 """
 
 from __future__ import annotations
@@ -44,3 +49,21 @@ def _restrict(path: Path, mode: int) -> None:
         return
     if not stat.S_ISLNK(status.st_mode) and stat.S_IMODE(status.st_mode) != mode:
         path.chmod(mode)
+
+
+def become(user: tuple[int, int], directory: Path) -> None:
+    """As root: `directory` and everything in it owned by `user` (uid, gid), then this
+    process runs as that user alone, with no supplementary groups. Not root: nothing to
+    do (the image's own user, or a developer's)."""
+    if os.geteuid() != 0:
+        return
+    uid, gid = user
+    directory.mkdir(parents=True, exist_ok=True, mode=DIRECTORY_MODE)
+    top = directory.resolve()
+    os.chown(top, uid, gid)
+    for root, directories, files in os.walk(top):
+        for name in [*directories, *files]:
+            os.chown(Path(root, name), uid, gid, follow_symlinks=False)
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
