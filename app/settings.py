@@ -9,10 +9,11 @@ transcriber's 25 MB limit and the app's memory even when it runs without the edg
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from common.settings import Environment, LogLevel, OtelSettings, load
 
@@ -30,6 +31,8 @@ class AppSettings(OtelSettings):
     docs_enabled: bool = False
     log_level: LogLevel = LogLevel.info
     drain_timeout: int = Field(65, ge=0)
+    # `uid:gid` a process started as root gives the data directory to and becomes.
+    run_as_user: Annotated[tuple[int, int] | None, NoDecode] = None
 
     turn_timeout_s: float = Field(60.0, gt=0, le=600)
     # What each step's provider call may take, or what is left of the turn if that is less
@@ -66,6 +69,16 @@ class AppSettings(OtelSettings):
     audio_retention_hours: float = Field(24.0, gt=0)
 
     otel_service_name: str = Field("app", validation_alias=AliasChoices("OTEL_SERVICE_NAME"))
+
+    @field_validator("run_as_user", mode="before")
+    @classmethod
+    def _uid_gid(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            uid, separator, gid = value.partition(":")
+            if not (separator and uid.isdigit() and gid.isdigit()):
+                raise ValueError("must be uid:gid, two numbers (e.g. 10001:10001)")
+            return int(uid), int(gid)
+        return value
 
     @field_validator("groq_base_url", "elevenlabs_base_url", "qdrant_url")
     @classmethod
