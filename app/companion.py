@@ -4,9 +4,13 @@ A turn runs the workflow once. Its state is saved once, when the run ends (LangG
 `durability="exit"`). A turn that does not finish - cut off by the timeout, or without
 words to answer - is rolled back to the checkpoint from before it, since LangGraph also
 saves what a stopped run had done. When the language model is down the run still ends
-normally, keeping the user's words without a reply. Turns of one session run one at a
-time in a process. The API asks everything of this class and reaches past it into no
-store.
+normally, keeping the user's words without a reply.
+
+Turns of one session, and its deletion, run one at a time: in the process (an asyncio
+lock), then across the replicas sharing a PostgreSQL database (`Checkpoints.hold`,
+docs/app.md#several-replicas). Waiting counts against the turn's time: a turn that cannot
+have its session within APP_TURN_TIMEOUT_S times out like any other. The API asks
+everything of this class and reaches past it into no store.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import secrets
 import time
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
@@ -29,6 +33,7 @@ from langchain_core.runnables import RunnableConfig
 from app.audio import AudioFormat
 from app.memory.store import MemoryUnavailable
 from app.settings import AppSettings
+from app.storage.audio import StoredAudio
 from app.storage.conversations import Checkpoints
 from app.workflow.graph import TurnGraph
 from app.workflow.nodes import NothingHeard, TranscriptionFailed, now
@@ -59,6 +64,10 @@ class ReplyUnavailable(Exception):
 
 class TurnTimedOut(Exception):
     pass
+
+
+class SessionBusy(Exception):
+    """The session's turn under way did not let go within APP_TURN_TIMEOUT_S."""
 
 
 @dataclass(frozen=True)
@@ -120,13 +129,17 @@ class Companion:
 
     async def delete_session(self, session_id: str) -> None:
         """Removes everything the session left: its state, its memories and its audio, with
-        no copy of its words left in the SQLite files (`Checkpoints.delete`)."""
-        conversation = await self.session(session_id)
-        await self.services.memory.forget_session(session_id)  # MemoryUnavailable: keep all, retry later
-        self.services.audio.delete(
-            [message["audio_id"] for message in conversation["messages"] if "audio_id" in message]
-        )
-        await self.checkpoints.delete(session_id)
+        no copy of its words left in the SQLite files (`Checkpoints.delete`). A turn under
+        way, on any replica, ends first: its messages and audio go too, and it cannot save
+        its state over the deletion."""
+        await self.session(session_id)
+        async with self._one_at_a_time(session_id, self._deadline()):
+            conversation = await self.session(session_id)
+            await self.services.memory.forget_session(session_id)  # MemoryUnavailable: keep all, retry later
+            await self.services.audio.delete(
+                [message["audio_id"] for message in conversation["messages"] if "audio_id" in message]
+            )
+            await self.checkpoints.delete(session_id)
 
     # -- turns -------------------------------------------------------------------------------
 
@@ -139,21 +152,29 @@ class Companion:
         audio_format: AudioFormat | None = None,
     ) -> TurnResult:
         await self.session(session_id)
-        lock = self._turn_locks.get(session_id)
-        if lock is None:
-            lock = self._turn_locks[session_id] = asyncio.Lock()
-        async with lock:
-            return await self._run_turn(session_id, text, audio, audio_format)
+        deadline = self._deadline()
+        try:
+            async with self._one_at_a_time(session_id, deadline):
+                return await self._run_turn(session_id, deadline, text, audio, audio_format)
+        except SessionBusy:
+            logger.warning("turn timed out waiting for the session's turn under way")
+            raise TurnTimedOut from None
 
     async def _run_turn(
-        self, session_id: str, text: str | None, audio: bytes | None, audio_format: AudioFormat | None
+        self,
+        session_id: str,
+        deadline: float,
+        text: str | None,
+        audio: bytes | None,
+        audio_format: AudioFormat | None,
     ) -> TurnResult:
         turn: Turn = {"turn_id": uuid.uuid4().hex, "degraded": [], "timings_ms": {}}
         if text is not None:
             turn["text"] = text
         before = await self.graph.aget_state(_config(session_id))
+        if not before.values.get("session_id"):  # deleted while this turn waited
+            raise SessionNotFound
         started = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + self.settings.turn_timeout_s
         context = TurnContext(self.services, deadline, audio=audio, audio_format=audio_format)
         try:
             async with asyncio.timeout_at(deadline):
@@ -191,11 +212,32 @@ class Companion:
         await self.graph.aupdate_state(before, None, as_node="__start__")
         await self.checkpoints.keep_latest(session_id)
 
+    def _deadline(self) -> float:
+        """When a turn arriving now is up (the event loop's time)."""
+        return asyncio.get_running_loop().time() + self.settings.turn_timeout_s
+
+    @asynccontextmanager
+    async def _one_at_a_time(self, session_id: str, deadline: float) -> AsyncIterator[None]:
+        """The session to the caller alone while entered: the in-process lock first, so that
+        turns waiting in one replica hold no database connection, then the replicas'
+        (`Checkpoints.hold`). SessionBusy if both cannot be had by `deadline`."""
+        lock = self._turn_locks.get(session_id)
+        if lock is None:
+            lock = self._turn_locks[session_id] = asyncio.Lock()
+        async with AsyncExitStack() as held:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await held.enter_async_context(lock)
+                await held.enter_async_context(self.checkpoints.hold(session_id, deadline))
+            except TimeoutError:
+                raise SessionBusy from None
+            yield
+
     # -- reply audio and readiness ---------------------------------------------------------
 
-    def find_audio(self, audio_id: str) -> tuple[Path, str] | None:
-        """A reply's speech file and its content type, if the id is one."""
-        return self.services.audio.find(audio_id)
+    async def find_audio(self, audio_id: str) -> StoredAudio | None:
+        """A reply's speech and its content type, if the id is one."""
+        return await self.services.audio.find(audio_id)
 
     async def readiness(self) -> Readiness:
         """Real queries on the conversation database and the memory store, and the breakers."""
@@ -210,7 +252,7 @@ class Companion:
     async def sweep(self) -> tuple[int, int]:
         """Deletes sessions idle past the retention period and audio past its own; counts."""
         settings = self.settings
-        removed_audio = self.services.audio.delete_older_than(settings.audio_retention_hours * 3600)
+        removed_audio = await self.services.audio.delete_older_than(settings.audio_retention_hours * 3600)
         cutoff = time.time() - settings.session_retention_days * 86400
         removed_sessions = 0
         for session_id in await self.checkpoints.thread_ids():
@@ -219,7 +261,7 @@ class Companion:
                 if _timestamp(conversation.get("updated_at", "")) < cutoff:
                     await self.delete_session(session_id)
                     removed_sessions += 1
-            except (SessionNotFound, MemoryUnavailable):
+            except (SessionNotFound, MemoryUnavailable, SessionBusy):
                 continue
         return removed_sessions, removed_audio
 

@@ -2,11 +2,12 @@
 
 Start-up opens, in order: the data directory (made owner-only, `app.storage.data_dir`),
 the outbound transport and the provider clients on it, the memory store (a failure here
-only degrades turns), the reply-audio directory, the conversation checkpointer and the
-turn graph; then the hourly retention sweep. Shutdown closes them in reverse, after
-uvicorn has let in-flight turns finish. Only the spelling of a path that the API lists is
-answered: the other (with or without a trailing slash) is a 404, never a redirect. HEAD
-is answered wherever GET is, and a method nothing implements is 501 (`app.api.methods`).
+only degrades turns), the conversation checkpointer and the reply audio
+(`app.storage.stores`), the turn graph; then the hourly retention sweep. Shutdown closes
+them in reverse, after uvicorn has let in-flight turns finish. Only the spelling of a
+path that the API lists is answered: the other (with or without a trailing slash) is a
+404, never a redirect. HEAD is answered wherever GET is, and a method nothing implements
+is 501 (`app.api.methods`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from app.providers.elevenlabs import ElevenLabs
 from app.providers.groq import Groq
 from app.settings import AppSettings
 from app.storage import data_dir
-from app.storage.audio import AudioStore
-from app.storage.conversations import open_checkpoints
+from app.storage.stores import open_stores
 from app.workflow.graph import build_graph
 from app.workflow.state import Services
 from common.telemetry import configure_telemetry
@@ -64,11 +64,11 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
             await memory.setup()
         except MemoryUnavailable:
             logger.warning("memory store unavailable at start-up; turns go without memories until it is back")
-        audio = AudioStore(settings.data_dir / "audio")
-        audio.setup()
-        async with open_checkpoints(settings) as checkpoints:
-            services = Services(settings=settings, groq=groq, elevenlabs=elevenlabs, memory=memory, audio=audio)
-            companion = Companion(build_graph(checkpoints.saver), checkpoints, services, outbound.named_states)
+        async with open_stores(settings) as stores:
+            services = Services(settings=settings, groq=groq, elevenlabs=elevenlabs, memory=memory, audio=stores.audio)
+            companion = Companion(
+                build_graph(stores.checkpoints.saver), stores.checkpoints, services, outbound.named_states
+            )
             app.state.companion = companion
             sweeper = asyncio.create_task(_sweep_periodically(companion))
             # What start-up built lives as long as the process: kept out of every garbage

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -19,6 +19,7 @@ from app.companion import (
     Companion,
     NoSpeech,
     ReplyUnavailable,
+    SessionBusy,
     SessionNotFound,
     TranscriptionUnavailable,
     TurnTimedOut,
@@ -88,7 +89,8 @@ async def get_session(session_id: str, request: Request) -> models.Session:
 @router.delete("/sessions/{session_id}", status_code=204, responses=error_responses(404, 503), tags=["sessions"])
 async def delete_session(session_id: str, request: Request) -> Response:
     """Deletes the session with everything it left: conversation state, long-term
-    memories and reply audio. 503 if the memory store cannot be reached: nothing is
+    memories and reply audio. A turn under way ends first. 503 if the memory store cannot
+    be reached, or the turn under way does not end within APP_TURN_TIMEOUT_S: nothing is
     deleted then, so that nothing is left behind; try again."""
     try:
         await companion_of(request).delete_session(session_id)
@@ -97,6 +99,10 @@ async def delete_session(session_id: str, request: Request) -> Response:
     except MemoryUnavailable:
         raise ApiError(
             503, "memory_unavailable", "The session cannot be deleted completely right now. Please try again."
+        ) from None
+    except SessionBusy:
+        raise ApiError(
+            503, "session_busy", "The session is busy with a turn. Please try again.", headers={"retry-after": "5"}
         ) from None
     return Response(status_code=204)
 
@@ -189,18 +195,17 @@ async def take_turn(session_id: str, request: Request) -> models.TurnResult:
 
 @router.get(
     "/audio/{audio_id}",
-    response_class=FileResponse,
+    response_class=Response,
     responses={200: {"content": {"audio/mpeg": {}}}, **error_responses(404)},
     tags=["audio"],
 )
-async def get_audio(audio_id: str, request: Request) -> FileResponse:
+async def get_audio(audio_id: str, request: Request) -> Response:
     """A reply's speech, with its real content type. Ids are 32 lower-case hex digits;
     audio is kept for APP_AUDIO_RETENTION_HOURS."""
-    found = companion_of(request).find_audio(audio_id)
+    found = await companion_of(request).find_audio(audio_id)
     if found is None:
         raise _not_found()
-    path, content_type = found
-    return FileResponse(path, media_type=content_type)
+    return Response(found.content, media_type=found.content_type)
 
 
 @router.get("/health", response_model=models.Liveness, tags=["operations"])

@@ -1,6 +1,10 @@
 """Conversation state in a LangGraph checkpointer: SQLite under `APP_DATA_DIR` by default,
 PostgreSQL when `APP_DATABASE_URL` is set, so several app replicas share sessions: one
-class for each behind the `Checkpoints` protocol.
+class for each behind the `Checkpoints` protocol (opened by `app.storage.stores`).
+
+`hold` serialises the turns of a thread across processes: SQLite is one app process's
+(the in-process lock is all it needs), PostgreSQL takes the session's advisory lock
+(`app.storage.session_lock`).
 
 One thread per session. After each turn only the latest checkpoint of the thread is kept
 (and its pending writes): the history of checkpoints is never read, and keeping it grew
@@ -15,10 +19,10 @@ keeps deleted rows as dead tuples until VACUUM; docs/app.md says what remains wh
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Protocol
 
 import aiosqlite
@@ -26,16 +30,12 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from psycopg import AsyncConnection
-from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg.rows import DictRow
+from psycopg_pool import AsyncConnectionPool
 
-from app.settings import AppSettings
+from app.storage.session_lock import session_lock
 
 logger = logging.getLogger("app.storage")
-
-# Any fixed number: the advisory lock under which the checkpoint tables are set up.
-SETUP_LOCK = 7_405_112_317
-TRY_SETUP_LOCK = "SELECT pg_try_advisory_lock(%s) AS acquired"
 
 # AsyncSqliteSaver does not implement pruning; checkpoint ids are time-ordered.
 PRUNE_SQLITE_WRITES = """
@@ -68,6 +68,10 @@ class Checkpoints(Protocol):
 
     async def check(self) -> bool:
         """A real query on the database, for readiness."""
+
+    def hold(self, thread_id: str, deadline: float) -> AbstractAsyncContextManager[None]:
+        """The thread to this process alone while entered, across every process on the
+        database; `TimeoutError` if it cannot be had by `deadline` (the event loop's time)."""
 
 
 class SqliteCheckpoints:
@@ -108,13 +112,23 @@ class SqliteCheckpoints:
             return False
         return True
 
+    @asynccontextmanager
+    async def hold(self, thread_id: str, deadline: float) -> AsyncIterator[None]:
+        yield  # one app process per SQLite database: its in-process lock is the only one
+
 
 class PostgresCheckpoints:
-    """At `APP_DATABASE_URL`, shared by the replicas."""
+    """At `APP_DATABASE_URL`, shared by the replicas; the session locks on a pool of their own."""
 
-    def __init__(self, saver: AsyncPostgresSaver, pool: AsyncConnectionPool[AsyncConnection[DictRow]]) -> None:
+    def __init__(
+        self,
+        saver: AsyncPostgresSaver,
+        pool: AsyncConnectionPool[AsyncConnection[DictRow]],
+        lock_pool: AsyncConnectionPool[AsyncConnection],
+    ) -> None:
         self.saver = saver
         self._pool = pool
+        self._lock_pool = lock_pool
 
     async def delete(self, thread_id: str) -> None:
         await self.saver.adelete_thread(thread_id)
@@ -135,50 +149,15 @@ class PostgresCheckpoints:
             return False
         return True
 
+    def hold(self, thread_id: str, deadline: float) -> AbstractAsyncContextManager[None]:
+        return session_lock(self._lock_pool, thread_id, deadline)
+
 
 @asynccontextmanager
-async def open_checkpoints(settings: AppSettings) -> AsyncIterator[Checkpoints]:
-    if settings.database_url is not None:
-        pool: AsyncConnectionPool[AsyncConnection[DictRow]] = AsyncConnectionPool(
-            settings.database_url,
-            min_size=1,
-            max_size=10,
-            open=False,
-            # What LangGraph's Postgres saver needs of its connections.
-            kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
-        )
-        try:
-            await pool.open(wait=True, timeout=10)
-        except PoolTimeout:
-            logger.error("the database at APP_DATABASE_URL cannot be reached")
-            raise
-        try:
-            postgres_saver = AsyncPostgresSaver(pool)
-            async with pool.connection() as lock:
-                await _take_setup_lock(lock)
-                try:
-                    await postgres_saver.setup()
-                finally:
-                    await lock.execute("SELECT pg_advisory_unlock(%s)", (SETUP_LOCK,))
-            yield PostgresCheckpoints(postgres_saver, pool)
-        finally:
-            await pool.close()
-    else:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-        async with AsyncSqliteSaver.from_conn_string(str(settings.data_dir / "conversations.db")) as sqlite_saver:
-            # A connection setting: deleted content is zeroed in place, not left in free space.
-            await sqlite_saver.conn.execute("PRAGMA secure_delete=ON")
-            await sqlite_saver.setup()
-            yield SqliteCheckpoints(sqlite_saver)
-
-
-async def _take_setup_lock(connection: AsyncConnection[DictRow]) -> None:
-    """Replicas starting together on a fresh database would each create the tables and
-    collide; one at a time, the later ones find them made. The lock is polled, not waited
-    for: a statement waiting for it would hold a snapshot that the set-up's
-    CREATE INDEX CONCURRENTLY then waits for, forever."""
-    while True:
-        row = await (await connection.execute(TRY_SETUP_LOCK, (SETUP_LOCK,))).fetchone()
-        if row is not None and row["acquired"]:
-            return
-        await asyncio.sleep(0.2)
+async def open_sqlite_checkpoints(data_dir: Path) -> AsyncIterator[SqliteCheckpoints]:
+    """In `data_dir`, which exists (`app.storage.data_dir.secure`)."""
+    async with AsyncSqliteSaver.from_conn_string(str(data_dir / "conversations.db")) as saver:
+        # A connection setting: deleted content is zeroed in place, not left in free space.
+        await saver.conn.execute("PRAGMA secure_delete=ON")
+        await saver.setup()
+        yield SqliteCheckpoints(saver)

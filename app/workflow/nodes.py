@@ -114,7 +114,7 @@ def after_reply(state: Conversation) -> str:
 
 
 async def speak(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
-    """The answer as speech, kept as a file; the text stands alone if speech fails."""
+    """The answer as speech, kept in the audio store; the text stands alone if speech fails."""
     started = time.perf_counter()
     turn, context = state["turn"], runtime.context
     services, settings = context.services, context.services.settings
@@ -131,7 +131,7 @@ async def speak(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str,
     except ProviderError:
         changes: dict[str, Any] = {"degraded": degrade(turn, "speech")}
     else:
-        audio_id = services.audio.save(audio, content_type)
+        audio_id = await services.audio.save(audio, content_type)
         message["audio_id"] = audio_id
         changes = {"audio_id": audio_id}
     return {
