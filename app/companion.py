@@ -83,7 +83,7 @@ class TurnResult:
 @dataclass(frozen=True)
 class Readiness:
     database: bool  # a real query answered
-    memory: bool
+    memory: bool | None  # None: long-term memory is off
     breakers: dict[str, str]  # breaker state per outside service, by name
 
 
@@ -135,7 +135,8 @@ class Companion:
         await self.session(session_id)
         async with self._one_at_a_time(session_id, self._deadline()):
             conversation = await self.session(session_id)
-            await self.services.memory.forget_session(session_id)  # MemoryUnavailable: keep all, retry later
+            if self.services.memory is not None:  # MemoryUnavailable: keep all, retry later
+                await self.services.memory.forget_session(session_id)
             await self.services.audio.delete(
                 [message["audio_id"] for message in conversation["messages"] if "audio_id" in message]
             )
@@ -240,10 +241,10 @@ class Companion:
         return await self.services.audio.find(audio_id)
 
     async def readiness(self) -> Readiness:
-        """Real queries on the conversation database and the memory store, and the breakers."""
+        """Real queries on the conversation database and (memory on) the memory store; the breakers."""
         return Readiness(
             database=await self.checkpoints.check(),
-            memory=await self.services.memory.check(),
+            memory=None if self.services.memory is None else await self.services.memory.check(),
             breakers=self._breaker_states(),
         )
 

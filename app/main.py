@@ -1,13 +1,13 @@
 """The internal app: FastAPI around the turn workflow, wired to its stores and providers.
 
 Start-up opens, in order: the data directory (made owner-only, `app.storage.data_dir`),
-the outbound transport and the provider clients on it, the memory store (a failure here
-only degrades turns), the conversation checkpointer and the reply audio
-(`app.storage.stores`), the turn graph; then the hourly retention sweep. Shutdown closes
-them in reverse, after uvicorn has let in-flight turns finish. Only the spelling of a
-path that the API lists is answered: the other (with or without a trailing slash) is a
-404, never a redirect. HEAD is answered wherever GET is, and a method nothing implements
-is 501 (`app.api.methods`).
+the outbound transport and the provider clients on it, the memory store (only with
+APP_FEATURE_MEMORY on; a failure here only degrades turns), the conversation
+checkpointer and the reply audio (`app.storage.stores`), the turn graph; then the hourly
+retention sweep. Shutdown closes them in reverse, after uvicorn has let in-flight turns
+finish. Only the spelling of a path that the API lists is answered: the other (with or
+without a trailing slash) is a 404, never a redirect. HEAD is answered wherever GET is,
+and a method nothing implements is 501 (`app.api.methods`).
 """
 
 from __future__ import annotations
@@ -53,17 +53,8 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
         outbound = Outbound(outbound_settings, tracer=telemetry.tracer, meter=telemetry.meter)
         groq = Groq(outbound.client("groq", settings.groq_base_url, headers=_bearer(settings)))
         elevenlabs = ElevenLabs(outbound.client("elevenlabs", settings.elevenlabs_base_url, headers=_xi_key(settings)))
-        qdrant = _qdrant(settings, outbound)
-        memory = MemoryStore(
-            qdrant,
-            HashingEmbedder(),
-            duplicate_similarity=settings.memory_duplicate_similarity,
-            server=settings.qdrant_url is not None,
-        )
-        try:
-            await memory.setup()
-        except MemoryUnavailable:
-            logger.warning("memory store unavailable at start-up; turns go without memories until it is back")
+        # Memory off: no Qdrant client at all, embedded or server.
+        memory = await _open_memory(settings, outbound) if settings.feature_memory else None
         async with open_stores(settings) as stores:
             services = Services(settings=settings, groq=groq, elevenlabs=elevenlabs, memory=memory, audio=stores.audio)
             companion = Companion(
@@ -82,10 +73,11 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
                 await outbound.aclose()
-                await qdrant.close()
+                if memory is not None:
+                    await memory.client.close()
                 telemetry.shutdown()
 
-    docs = settings.docs_enabled
+    docs = settings.feature_api_docs
     app = FastAPI(
         title="Voice companion",
         version="1",
@@ -125,6 +117,20 @@ def _bearer(settings: AppSettings) -> dict[str, str]:
 
 def _xi_key(settings: AppSettings) -> dict[str, str]:
     return {"xi-api-key": settings.elevenlabs_api_key.get_secret_value() if settings.elevenlabs_api_key else ""}
+
+
+async def _open_memory(settings: AppSettings, outbound: Outbound) -> MemoryStore:
+    memory = MemoryStore(
+        _qdrant(settings, outbound),
+        HashingEmbedder(),
+        duplicate_similarity=settings.memory_duplicate_similarity,
+        server=settings.qdrant_url is not None,
+    )
+    try:
+        await memory.setup()
+    except MemoryUnavailable:
+        logger.warning("memory store unavailable at start-up; turns go without memories until it is back")
+    return memory
 
 
 def _qdrant(settings: AppSettings, outbound: Outbound) -> AsyncQdrantClient:

@@ -3,7 +3,9 @@
 Every setting is documented in docs/configuration.md (a test keeps the two in sync). The
 app knows nothing of edge concerns: no CORS, rate limit, security-header or size-limit
 settings live here, only what the app itself needs (its own upload cap protects the
-transcriber's 25 MB limit and the app's memory even when it runs without the edge).
+transcriber's 25 MB limit and the app's memory even when it runs without the edge). The
+feature flags (`APP_FEATURE_*`) are read here once, like everything else, and what they
+switch off is not opened at all (docs/app.md#feature-flags).
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from common.settings import Environment, LogLevel, OtelSettings, load
+from common.settings import Environment, LogLevel, OtelSettings, load, refuse_in_production
+
+# What `make run` and the compose stack give the simulator, which accepts any key: never a
+# provider's key.
+SIMULATED_KEY = "simulated"
+
+
+def _api_docs_by_default(validated: dict[str, Any]) -> bool:
+    # The API's documentation is a development aid; a deployment publishes it on purpose.
+    return validated.get("environment") is Environment.development
 
 
 class AppSettings(OtelSettings):
@@ -28,11 +39,19 @@ class AppSettings(OtelSettings):
     database_url: str | None = None
     qdrant_url: str | None = None
     qdrant_api_key: SecretStr | None = None
-    docs_enabled: bool = False
     log_level: LogLevel = LogLevel.info
     drain_timeout: int = Field(65, ge=0)
     # `uid:gid` a process started as root gives the data directory to and becomes.
     run_as_user: Annotated[tuple[int, int] | None, NoDecode] = None
+    # The app cannot count its replicas (a platform tells each one its own id, not how many
+    # there are): the operator says it, and the stores are checked against it.
+    replicas: int = Field(1, ge=1, le=1000)
+
+    # After `environment`: the documentation's default depends on it.
+    feature_memory: bool = True
+    feature_speech: bool = True
+    feature_summaries: bool = True
+    feature_api_docs: bool = Field(default_factory=_api_docs_by_default)
 
     turn_timeout_s: float = Field(60.0, gt=0, le=600)
     # What each step's provider call may take, or what is left of the turn if that is less
@@ -90,6 +109,11 @@ class AppSettings(OtelSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
 
+    @field_validator("groq_api_key", "elevenlabs_api_key", "qdrant_api_key")
+    @classmethod
+    def _blank_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value().strip() else None
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str | None) -> str | None:
@@ -100,21 +124,48 @@ class AppSettings(OtelSettings):
         return value
 
     @model_validator(mode="after")
-    def _keys_in_production(self) -> AppSettings:
-        # A missing key in production is a start-up error, not a 500 on the first turn.
-        if self.environment == Environment.production:
-            missing = [
-                name
-                for name, key in (
-                    ("GROQ_API_KEY", self.groq_api_key),
-                    ("ELEVENLABS_API_KEY", self.elevenlabs_api_key),
-                )
-                if key is None or not key.get_secret_value().strip()
-            ]
-            if missing:
-                raise ValueError(f"{' and '.join(missing)} must be set when ENVIRONMENT=production")
+    def _consistent(self) -> AppSettings:
+        problems = []
         if self.keep_recent_messages >= self.summarise_after_messages:
-            raise ValueError("APP_KEEP_RECENT_MESSAGES must be below APP_SUMMARISE_AFTER_MESSAGES")
+            problems.append("APP_KEEP_RECENT_MESSAGES must be below APP_SUMMARISE_AFTER_MESSAGES")
+        if self.replicas > 1 and self.database_url is None:
+            problems.append(
+                f"APP_REPLICAS={self.replicas} needs APP_DATABASE_URL: each replica's own SQLite "
+                "would hold its own sessions"
+            )
+        if self.replicas > 1 and self.feature_memory and self.qdrant_url is None:
+            problems.append(
+                f"APP_REPLICAS={self.replicas} with APP_FEATURE_MEMORY=true needs APP_QDRANT_URL: the "
+                "embedded memory store is one process's"
+            )
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _safe_in_production(self) -> AppSettings:
+        # Each of these is found at start-up, not on the first turn or in a leaked log.
+        unsafe = []
+        providers = [("GROQ", self.groq_api_key, self.groq_base_url, "")]
+        if self.feature_speech:  # no speech, no ElevenLabs
+            providers.append(
+                ("ELEVENLABS", self.elevenlabs_api_key, self.elevenlabs_base_url, ", or APP_FEATURE_SPEECH=false")
+            )
+        for provider, key, base_url, otherwise in providers:
+            if key is None:
+                unsafe.append(f"{provider}_API_KEY unset: set the provider's key in the platform's secrets{otherwise}")
+            elif key.get_secret_value().strip().lower() == SIMULATED_KEY:
+                unsafe.append(f"{provider}_API_KEY={SIMULATED_KEY}: the simulator's placeholder, not a key")
+            if urlsplit(base_url).scheme == "http":
+                unsafe.append(f"{provider}_BASE_URL=http://...: the key would cross the network unencrypted")
+        if self.log_level is LogLevel.debug:
+            unsafe.append(
+                "APP_LOG_LEVEL=debug: the libraries' debug lines carry what people say "
+                "(database statements' parameters, provider exchanges); use info"
+            )
+        if self.feature_api_docs:
+            unsafe.append("APP_FEATURE_API_DOCS=true: the API's documentation is not published in production")
+        refuse_in_production(self.environment, unsafe)
         return self
 
 

@@ -3,6 +3,8 @@
 Each process reads its environment once into one typed settings class, validated at
 start-up; an invalid value stops the start-up with a message naming the variable. List
 values are comma-separated. The edge and the app read `ENVIRONMENT`; the simulator does not.
+With `ENVIRONMENT=production` each refuses the combinations it knows to be unsafe, all of
+them in one message (docs/configuration.md#what-production-refuses).
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ class OtelSettings(BaseSettings):
 
 class ConfigurationError(Exception):
     """Raised at start-up with a message an operator can act on."""
+
+
+def refuse_in_production(environment: Environment, unsafe: list[str]) -> None:
+    """Stops a production start-up on any of `unsafe`, each naming its variables and why."""
+    if environment is Environment.production and unsafe:
+        raise ValueError("ENVIRONMENT=production refuses:\n    " + "\n    ".join(unsafe))
 
 
 def environment_variable(settings_class: type[BaseSettings], location: str) -> str:

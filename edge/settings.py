@@ -15,7 +15,7 @@ from limits import parse_many
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from common.settings import Environment, LogLevel, OtelSettings, load, split_comma_list
+from common.settings import Environment, LogLevel, OtelSettings, load, refuse_in_production, split_comma_list
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -138,6 +138,7 @@ class EdgeSettings(OtelSettings):
         "cors_allow_headers",
         "cors_expose_headers",
         "rate_limit_key",
+        "api_path_prefixes",
         mode="before",
     )
     @classmethod
@@ -169,7 +170,23 @@ class EdgeSettings(OtelSettings):
 
     @model_validator(mode="after")
     def _safe_cors(self) -> EdgeSettings:
-        check_cors_origins(self.cors_allow_origins, self.cors_allow_credentials, self.environment)
+        check_cors_origins(self.cors_allow_origins, self.cors_allow_credentials)
+        return self
+
+    @model_validator(mode="after")
+    def _safe_in_production(self) -> EdgeSettings:
+        unsafe = []
+        if "*" in self.cors_allow_origins:
+            unsafe.append("EDGE_CORS_ALLOW_ORIGINS=*: any site's pages could call the API; name the origins")
+        if self.log_level is LogLevel.debug:
+            unsafe.append("EDGE_LOG_LEVEL=debug: debug lines carry the libraries' detail of every exchange; use info")
+        if self.workers > 1 and urlsplit(self.rate_limit_storage_url).scheme == "memory":
+            unsafe.append(
+                f"EDGE_WORKERS={self.workers} with EDGE_RATE_LIMIT_STORAGE_URL=memory://: each worker counts on "
+                f"its own, so every limit would admit {self.workers} times what it says; share the counters "
+                "in Redis (redis://...) or run one worker"
+            )
+        refuse_in_production(self.environment, unsafe)
         return self
 
 
@@ -215,12 +232,10 @@ def _dropped_at_ingress(header: str) -> bool:
     return "_" in header or name in CLIENT_CLAIMS | FORWARDING | REQUEST_HOP_BY_HOP
 
 
-def check_cors_origins(origins: list[str], credentials: bool, environment: Environment) -> None:
+def check_cors_origins(origins: list[str], credentials: bool) -> None:
     if "*" in origins:
         if credentials:
             raise ValueError("EDGE_CORS_ALLOW_ORIGINS may not be * with EDGE_CORS_ALLOW_CREDENTIALS=true")
-        if environment == Environment.production:
-            raise ValueError("EDGE_CORS_ALLOW_ORIGINS may not be * when ENVIRONMENT=production")
         if len(origins) > 1:
             raise ValueError("EDGE_CORS_ALLOW_ORIGINS: * stands alone")
         return

@@ -200,7 +200,9 @@ class AppThread:
 
     def memory_count(self, session_id: str) -> int:
         """The memories the session can recall: every one, the search ranking them all."""
-        return len(self.run(self.companion.services.memory.recall(session_id, "anything at all", 1000)))
+        memory = self.companion.services.memory
+        assert memory is not None, "long-term memory is off"
+        return len(self.run(memory.recall(session_id, "anything at all", 1000)))
 
     def stop(self) -> None:
         self.server.stop()

@@ -44,7 +44,7 @@ def the_document() -> dict[str, Any]:
     """The OpenAPI document the app serves, built without serving it (no lifespan runs):
     tests are generated from it when the module is collected. The test below checks that
     the running app serves the same one."""
-    settings = AppSettings(docs_enabled=True, data_dir=Path("unused"))
+    settings = AppSettings(feature_api_docs=True, data_dir=Path("unused"))
     document: dict[str, Any] = create_app(settings, OutboundSettings()).openapi()
     return document
 
@@ -62,7 +62,7 @@ def sims() -> Iterator[Simulators]:
 
 @pytest.fixture(scope="module")
 def docs_app(sims: Simulators, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppThread]:
-    started = start_app(app_settings(sims, tmp_path_factory.mktemp("properties"), docs_enabled=True))
+    started = start_app(app_settings(sims, tmp_path_factory.mktemp("properties"), feature_api_docs=True))
     yield started
     started.stop()
 

@@ -93,8 +93,8 @@ def fresh_sims(sims: Simulators) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def main_app(sims: Simulators, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppThread]:
-    """The app with its defaults (SQLite and embedded Qdrant under its data dir; docs off)."""
-    started = start_app(app_settings(sims, tmp_path_factory.mktemp("main-app")))
+    """The app with its defaults (SQLite and embedded Qdrant under its data dir), its documentation off."""
+    started = start_app(app_settings(sims, tmp_path_factory.mktemp("main-app"), feature_api_docs=False))
     yield started
     started.stop()
 
@@ -122,7 +122,7 @@ def strict_app(sims: Simulators, tmp_path_factory: pytest.TempPathFactory) -> It
         max_audio_bytes=STRICT_MAX_AUDIO_BYTES,
         max_text_chars=STRICT_MAX_TEXT_CHARS,
         turn_timeout_s=STRICT_TURN_TIMEOUT_S,
-        docs_enabled=True,
+        feature_api_docs=True,
     )
     started = start_app(settings)
     yield started

@@ -48,7 +48,7 @@ def sims() -> Iterator[Simulators]:
 @pytest.fixture(scope="module")
 def app(sims: Simulators, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     tmp = tmp_path_factory.mktemp("http-app")
-    env = app_environment(sims, tmp / "data", new_port(), APP_DOCS_ENABLED="true")
+    env = app_environment(sims, tmp / "data", new_port(), APP_FEATURE_API_DOCS="true")
     with app_process(tmp / "logs", env) as process:
         yield process
 
@@ -76,7 +76,7 @@ def test_head_answers_every_get_route_with_the_gets_head_and_no_body(api: ApiCli
     assert turn["audio_url"] is not None
     ids = {"session_id": session_id, "audio_id": turn["audio_url"].rsplit("/", 1)[1]}
     # The app's own list: the API's routes and FastAPI's (docs on, as in the fixture).
-    listed = [*router.routes, *create_app(AppSettings(docs_enabled=True), fast_outbound()).routes]
+    listed = [*router.routes, *create_app(AppSettings(feature_api_docs=True), fast_outbound()).routes]
     routes = {getattr(route, "path", "") for route in listed if "GET" in (getattr(route, "methods", None) or ())}
     assert {f"{API}/audio/{{audio_id}}", f"{API}/sessions/{{session_id}}", f"{API}/health"} <= routes
     # Every GET route, and one answer of each that is an error.

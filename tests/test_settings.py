@@ -49,6 +49,7 @@ def test_settings_come_from_edge_prefixed_variables(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("EDGE_UPSTREAM_URL", "http://app.internal:9000/")
     monkeypatch.setenv("EDGE_HOST", "127.0.0.1")
     monkeypatch.setenv("EDGE_WORKERS", "4")
+    monkeypatch.setenv("EDGE_RATE_LIMIT_STORAGE_URL", "redis://redis.internal:6379")  # shared by the workers
     monkeypatch.setenv("EDGE_DRAIN_TIMEOUT", "2.5")
     monkeypatch.setenv("ENVIRONMENT", "production")
     settings = EdgeSettings()

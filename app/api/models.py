@@ -89,14 +89,23 @@ class TurnResult(BaseModel):
     reply: str
     audio_url: str | None = Field(description="The reply as speech; null when speech synthesis was unavailable.")
     degraded: list[str] = Field(
-        description="What was skipped: `memory` (no memories recalled or stored), `speech` (no audio), "
-        "`summary` (the conversation summary was not updated)."
+        description="What was skipped because it failed: `memory` (no memories recalled or stored), `speech` "
+        "(no audio), `summary` (the conversation summary was not updated). A feature switched off is not listed."
     )
     timings_ms: dict[str, float] = Field(description="Milliseconds spent in each step, and in total.")
 
 
 class Liveness(BaseModel):
     status: Literal["alive"]
+
+
+class Features(BaseModel):
+    """The feature flags the process started with (APP_FEATURE_*)."""
+
+    memory: bool = Field(description="Long-term memory: recalled and remembered every turn.")
+    speech: bool = Field(description="Replies spoken as audio.")
+    summaries: bool = Field(description="Long conversations folded into a running summary.")
+    api_docs: bool = Field(description="The OpenAPI document and its viewer.")
 
 
 class Readiness(BaseModel):
@@ -107,17 +116,21 @@ class Readiness(BaseModel):
                     "status": "ready",
                     "checks": {"database": "up", "memory": "up"},
                     "breakers": {"groq": "closed", "elevenlabs": "closed"},
+                    "features": {"memory": True, "speech": True, "summaries": True, "api_docs": False},
                 }
             ]
         }
     )
 
     status: Literal["ready", "unavailable"]
-    checks: dict[Literal["database", "memory"], Literal["up", "down"]]
-    breakers: dict[Dependency, Literal["closed", "open", "half_open"]] = Field(
-        description="Circuit-breaker state per outside service, by name (`qdrant` only with a Qdrant server): "
-        "closed, open or half_open. Never an address: the body is public."
+    checks: dict[Literal["database", "memory"], Literal["up", "down"]] = Field(
+        description="A real query on each store in use: `memory` only with long-term memory on."
     )
+    breakers: dict[Dependency, Literal["closed", "open", "half_open"]] = Field(
+        description="Circuit-breaker state per outside service, by name (`qdrant` only with long-term memory "
+        "on a Qdrant server): closed, open or half_open. Never an address: the body is public."
+    )
+    features: Features
 
 
 class ErrorDetail(BaseModel):

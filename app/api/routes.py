@@ -4,7 +4,7 @@ is asked of `Companion` (`app.state.companion`)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -221,18 +221,29 @@ async def health() -> models.Liveness:
     tags=["operations"],
 )
 async def ready(request: Request) -> Response:
-    """Readiness: a real query on the conversation database and on the memory store, and
-    the breaker state of each outside service by name (never its address: the body is
-    public). 503 when the database is down; the memory store and the providers are
-    reported but do not fail readiness - turns degrade without them."""
-    readiness = await companion_of(request).readiness()
+    """Readiness: a real query on the conversation database and on the memory store (with
+    long-term memory on), the breaker state of each outside service by name (never its
+    address: the body is public), and the feature flags the process started with. 503
+    when the database is down; the memory store and the providers are reported but do not
+    fail readiness - turns degrade without them."""
+    companion = companion_of(request)
+    readiness = await companion.readiness()
+    checks: dict[Literal["database", "memory"], Literal["up", "down"]] = {
+        "database": "up" if readiness.database else "down"
+    }
+    if readiness.memory is not None:
+        checks["memory"] = "up" if readiness.memory else "down"
+    settings = companion.settings
     body = models.Readiness(
         status="ready" if readiness.database else "unavailable",
-        checks={
-            "database": "up" if readiness.database else "down",
-            "memory": "up" if readiness.memory else "down",
-        },
+        checks=checks,
         breakers=readiness.breakers,
+        features=models.Features(
+            memory=settings.feature_memory,
+            speech=settings.feature_speech,
+            summaries=settings.feature_summaries,
+            api_docs=settings.feature_api_docs,
+        ),
     )
     return Response(
         body.model_dump_json(),

@@ -2,6 +2,8 @@
 state updates it makes; a step that depends on an optional service degrades instead of
 failing the turn, and says so in the turn's `degraded` list. Each provider call is given
 its step's budget, or what is left of the turn if that is less (`TurnContext.time_for`).
+A feature switched off (APP_FEATURE_MEMORY, _SPEECH, _SUMMARIES) is a choice, not a
+failure: its steps do nothing, call nobody and degrade nothing (docs/app.md#feature-flags).
 
 transcribe -> recall -> reply -> speak -> remember -> summarise
                           \\-> (reply unavailable) end: the user's words are kept
@@ -84,6 +86,8 @@ async def recall(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str
     """Long-term memories of this person that the last few messages bring up."""
     started = time.perf_counter()
     turn, services = state["turn"], runtime.context.services
+    if services.memory is None:
+        return {}
     query = " ".join(message["text"] for message in state["messages"][-RECALL_FROM_LAST_MESSAGES:])
     try:
         found = await services.memory.recall(state["session_id"], query, services.settings.memory_recall_limit)
@@ -97,12 +101,16 @@ async def reply(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str,
     started = time.perf_counter()
     turn, context = state["turn"], runtime.context
     services = context.services
-    recent = state["messages"][state.get("summarised", 0) :]
+    settings = services.settings
+    messages, start = state["messages"], state.get("summarised", 0)
+    if not settings.feature_summaries:
+        # Nothing folds the older messages away: the model sees as many of the latest as it
+        # would at most with summaries, so a long conversation does not outgrow its context.
+        start = max(start, len(messages) - settings.summarise_after_messages)
+    recent = messages[start:]
     prompt = prompts.reply_prompt(state.get("summary", ""), recent, turn.get("memories", []))
     try:
-        text = await services.groq.chat(
-            services.settings.chat_model, prompt, deadline=context.time_for(services.settings.reply_budget_s)
-        )
+        text = await services.groq.chat(settings.chat_model, prompt, deadline=context.time_for(settings.reply_budget_s))
     except ProviderError as error:
         retry_after = error.retry_after if error.retry_after is not None else DEFAULT_RETRY_AFTER
         return {"turn": timed(turn, "reply", started, reply_unavailable=True, retry_after=retry_after)}
@@ -120,6 +128,9 @@ async def speak(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str,
     services, settings = context.services, context.services.settings
     text = turn.get("reply", "")
     message: Message = {"role": "assistant", "text": text, "at": now(), "turn_id": turn["turn_id"]}
+    update: dict[str, Any] = {"messages": [message], "updated_at": message["at"]}
+    if not settings.feature_speech:
+        return update
     try:
         audio, content_type = await services.elevenlabs.speak(
             text,
@@ -134,11 +145,7 @@ async def speak(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str,
         audio_id = await services.audio.save(audio, content_type)
         message["audio_id"] = audio_id
         changes = {"audio_id": audio_id}
-    return {
-        "turn": timed(turn, "speak", started, **changes),
-        "messages": [message],
-        "updated_at": message["at"],
-    }
+    return {**update, "turn": timed(turn, "speak", started, **changes)}
 
 
 async def remember(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
@@ -146,6 +153,8 @@ async def remember(state: Conversation, runtime: Runtime[TurnContext]) -> dict[s
     started = time.perf_counter()
     turn, context = state["turn"], runtime.context
     services = context.services
+    if services.memory is None:
+        return {}
     if "memory" in turn["degraded"]:
         return {"turn": timed(turn, "remember", started)}  # the store is down: nothing to write to
     try:
@@ -168,6 +177,8 @@ async def summarise(state: Conversation, runtime: Runtime[TurnContext]) -> dict[
     started = time.perf_counter()
     turn, context = state["turn"], runtime.context
     settings = context.services.settings
+    if not settings.feature_summaries:
+        return {}
     messages, summarised = state["messages"], state.get("summarised", 0)
     if len(messages) - summarised <= settings.summarise_after_messages:
         return {"turn": timed(turn, "summarise", started)}

@@ -61,7 +61,7 @@ class Services:
     settings: AppSettings
     groq: Groq
     elevenlabs: ElevenLabs
-    memory: MemoryStore
+    memory: MemoryStore | None  # None: long-term memory is off (APP_FEATURE_MEMORY)
     audio: AudioStore
 
 
