@@ -5,8 +5,11 @@ everywhere. The rest needs an engine: `make test-containers` runs this module un
 scripts/container_engine.py, which provides a private one and a locally made base image
 (CONTAINER_ENGINE, CONTAINER_BASE_IMAGE); anywhere else those tests skip, saying why. They
 build both images, bring the default stack up under a project name of their own on a free
-loopback port, and always take it down with its volume. Figures they measure are printed
-as `measured:` lines (docs/deployment.md#running-the-container-tests).
+loopback port, and always take it down with its volume; the same for the scaled stack
+(compose.scaled.yml with tests/containers/compose.scaled-local.yml: two app replicas,
+local Redis and PostgreSQL, no Qdrant server, memory off), which ends by killing a
+replica. Figures they measure are printed as `measured:` lines
+(docs/deployment.md#running-the-container-tests).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +97,14 @@ def clean_environment(**values: str) -> dict[str, str]:
 def test_dockerfile_is_hadolint_clean(image: str) -> None:
     completed = run(VENV_BIN / "hadolint", "--failure-threshold", "warning", DOCKERFILES[image])
     assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+def test_the_local_service_images_are_hadolint_and_shellcheck_clean() -> None:
+    for dockerfile in LOCAL_SERVICE_IMAGES.values():
+        completed = run(VENV_BIN / "hadolint", "--failure-threshold", "warning", dockerfile)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+    checked = run(VENV_BIN / "shellcheck", PROJECT_ROOT / "tests" / "containers" / "postgres-entrypoint.sh")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_compose_files_are_valid() -> None:
@@ -397,3 +410,295 @@ def test_with_real_provider_keys_the_stack_comes_up_without_the_simulator(images
         assert ready.status_code == 200, ready.text
     finally:
         providers.down("--volumes", "--timeout", "30")
+
+
+# -- the scaled stack --------------------------------------------------------------------------------------
+
+SCALED_FILE = PROJECT_ROOT / "compose.scaled.yml"
+# Redis and PostgreSQL from Debian's packages on the local base, no Qdrant server, memory off.
+SCALED_LOCAL_FILE = PROJECT_ROOT / "tests" / "containers" / "compose.scaled-local.yml"
+LOCAL_SERVICE_IMAGES = {
+    "redis": PROJECT_ROOT / "tests" / "containers" / "Dockerfile.redis",
+    "postgres": PROJECT_ROOT / "tests" / "containers" / "Dockerfile.postgres",
+}
+# Docker's address pools: the public network's gateway, which every client arrives from, is
+# trusted, so each test's X-Forwarded-For is its client (and its own rate-limit bucket).
+DOCKER_NETWORKS = "172.16.0.0/12,192.168.0.0/16"
+# A model reply this slow keeps turns in flight long enough to overlap and to be cut.
+SLOW_REPLY_MS = 1000
+
+
+def scaled_environment(**values: str) -> dict[str, str]:
+    return clean_environment(POSTGRES_PASSWORD=secrets.token_hex(16), **values)
+
+
+def test_the_scaled_stack_adds_the_shared_stores_and_a_second_replica() -> None:
+    config = compose_config(COMPOSE_FILE, SCALED_FILE, env=scaled_environment())
+    services = config["services"]
+    assert sorted(services) == ["app", "edge", "postgres", "qdrant", "redis", "sim"]
+    assert services["app"]["deploy"]["replicas"] == 2
+    app = services["app"]["environment"]
+    assert app["APP_REPLICAS"] == "2"
+    assert app["APP_DATABASE_URL"].startswith("postgresql://voice:")
+    assert app["APP_DATABASE_URL"].endswith("@postgres:5432/voice")
+    assert app["APP_QDRANT_URL"] == "http://qdrant:6333"
+    assert services["edge"]["environment"]["EDGE_RATE_LIMIT_STORAGE_URL"] == "redis://redis:6379/0"
+    # Each replica a data directory of its own: not the default stack's shared volume.
+    assert services["app"]["volumes"] == [{"type": "volume", "target": "/app/data"}]
+    for name, store in (("redis", "/data"), ("postgres", "/var/lib/postgresql/data"), ("qdrant", "/qdrant/storage")):
+        service = services[name]
+        image, _, tag = service["image"].rpartition(":")
+        assert image in ("redis", "postgres", "qdrant/qdrant"), name
+        assert tag[:1].isdigit() or tag[:2] == "v1", name  # a version, never latest
+        assert list(service["networks"]) == ["internal"], name
+        assert "ports" not in service, name
+        assert service["volumes"] == [{"type": "volume", "source": f"{name}-data", "target": store, "volume": {}}], name
+        assert service["init"] is True, name
+        limits = service["deploy"]["resources"]["limits"]
+        assert float(limits["cpus"]) > 0, name
+        assert int(limits["memory"]) > 0, name
+        assert service["healthcheck"]["test"][0] == "CMD", name
+    assert services["edge"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["app"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert services["app"]["depends_on"]["qdrant"]["condition"] == "service_healthy"
+
+
+def test_the_scaled_stack_needs_the_database_password_from_the_environment() -> None:
+    missing = run(
+        VENV_BIN / "docker-compose", "-f", COMPOSE_FILE, "-f", SCALED_FILE, "config", "--quiet",
+        env=clean_environment(),
+    )  # fmt: skip
+    assert missing.returncode != 0
+    assert "POSTGRES_PASSWORD" in missing.stderr
+    for file in (SCALED_FILE, SCALED_LOCAL_FILE):
+        schema = run(VENV_BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", file)
+        assert schema.returncode == 0, schema.stdout + schema.stderr
+
+
+def test_the_local_override_runs_without_qdrant_and_with_memory_off() -> None:
+    env = scaled_environment(IMAGE_TAG=TEST_TAG)
+    config = compose_config(COMPOSE_FILE, SCALED_FILE, SCALED_LOCAL_FILE, env=env)
+    assert sorted(config["services"]) == ["app", "edge", "postgres", "redis", "sim"]
+    assert config["services"]["app"]["environment"]["APP_FEATURE_MEMORY"] == "false"
+    assert config["services"]["redis"]["image"] == f"voice-companion/test-redis:{TEST_TAG}"
+    assert config["services"]["postgres"]["image"] == f"voice-companion/test-postgres:{TEST_TAG}"
+
+
+@dataclass
+class ScaledStack(Stack):
+    def replicas(self) -> list[str]:
+        """The app replicas' container ids, in the order Compose lists them."""
+        return self.compose("ps", "--quiet", "app").split()
+
+    def replica_of(self, request_ids: list[str]) -> dict[str, str]:
+        """Which replica served each request: its outbound calls' log lines carry its id."""
+        served: dict[str, str] = {}
+        for replica in self.replicas():
+            log = run(shutil.which("docker") or "docker", "logs", replica, env=self.env).stdout
+            for request_id in request_ids:
+                if f'"request_id":"{request_id}"' in log:
+                    served[request_id] = replica
+        return served
+
+    def slow_replies(self, milliseconds: int) -> None:
+        """The simulator's model replies take this long (its `/_sim/latency`, from the edge)."""
+        update = json.dumps({"chat": milliseconds})
+        self.compose(
+            "exec", "-T", "edge", "python", "-c",
+            "import urllib.request as u; u.urlopen(u.Request('http://sim:9100/_sim/latency', "
+            f"data={update!r}.encode(), method='PUT', headers={{'Content-Type': 'application/json'}}), timeout=5)",
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def scaled_stack(images: Images) -> Iterator[ScaledStack]:
+    base = os.environ.get("CONTAINER_BASE_IMAGE")
+    for name, dockerfile in sorted(LOCAL_SERVICE_IMAGES.items()):
+        started = time.monotonic()
+        base_argument = ["--build-arg", f"BASE_IMAGE={base}"] if base else []
+        docker(
+            "build", "--network", "host", "--file", dockerfile, "--tag", f"voice-companion/test-{name}:{images.tag}",
+            *base_argument, dockerfile.parent, timeout=600,
+        )  # fmt: skip
+        measured(f"local {name} image built in {time.monotonic() - started:.0f} s")
+    port = new_port()
+    running = ScaledStack(
+        project=f"voice-test-{secrets.token_hex(4)}",
+        env=scaled_environment(
+            IMAGE_TAG=images.tag, EDGE_PUBLISHED_PORT=str(port), EDGE_TRUSTED_PROXIES=DOCKER_NETWORKS
+        ),
+        url=f"http://127.0.0.1:{port}",
+        files=(COMPOSE_FILE, SCALED_FILE, SCALED_LOCAL_FILE),
+    )
+    try:
+        measured(f"scaled stack up and healthy in {running.up():.1f} s")
+        yield running
+    finally:
+        running.down("--volumes", "--timeout", "30")
+
+
+def client_address() -> str:
+    """A client of its own (X-Forwarded-For, believed from the trusted gateway)."""
+    return f"198.18.{secrets.randbelow(256)}.{1 + secrets.randbelow(254)}"
+
+
+def scaled_client(stack: Stack, address: str | None = None) -> httpx.Client:
+    return httpx.Client(
+        base_url=stack.url,
+        trust_env=False,
+        timeout=90,
+        headers={"X-Forwarded-For": address or client_address()},
+    )
+
+
+@needs_engine
+def test_the_scaled_stack_runs_two_replicas_and_passes_the_smoke_test(scaled_stack: ScaledStack) -> None:
+    assert len(scaled_stack.replicas()) == 2
+    assert sorted(scaled_stack.compose("ps", "--services").split()) == ["app", "edge", "postgres", "redis", "sim"]
+    completed = run(sys.executable, PROJECT_ROOT / "scripts" / "smoke.py", scaled_stack.url, timeout=300)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+
+
+@needs_engine
+def test_turns_are_spread_over_both_replicas_and_one_shared_rate_limit_counts_them(
+    scaled_stack: ScaledStack,
+) -> None:
+    """A client's ten turns a minute (config/edge-policy.toml) are counted in Redis whichever
+    replica serves them: the eleventh is refused."""
+    with scaled_client(scaled_stack) as client:
+        session = client.post("/api/v1/sessions").json()["session_id"]
+        request_ids = []
+        for number in range(10):
+            turn = client.post(f"/api/v1/sessions/{session}/turns", json={"text": f"Turn {number}."})
+            assert turn.status_code == 200, turn.text
+            request_ids.append(turn.headers["x-request-id"])
+        refused = client.post(f"/api/v1/sessions/{session}/turns", json={"text": "One too many."})
+        assert refused.status_code == 429, refused.text
+        assert client.delete(f"/api/v1/sessions/{session}").status_code == 204
+    served = scaled_stack.replica_of(request_ids)
+    assert sorted(served) == sorted(request_ids)
+    counts = {replica: list(served.values()).count(replica) for replica in scaled_stack.replicas()}
+    measured(f"10 turns of one session served {sorted(counts.values())} by the two replicas")
+    assert min(counts.values()) >= 1, counts
+    counters = scaled_stack.compose("exec", "-T", "redis", "redis-cli", "--scan", "--pattern", "edge*").split()
+    assert counters, "no rate-limit counter in Redis"
+
+
+@needs_engine
+def test_two_concurrent_turns_of_one_session_on_two_replicas_are_serialised(scaled_stack: ScaledStack) -> None:
+    scaled_stack.slow_replies(SLOW_REPLY_MS)
+    try:
+        with scaled_client(scaled_stack) as client:
+            session = client.post("/api/v1/sessions").json()["session_id"]
+
+            def turn(text: str) -> httpx.Response:
+                return client.post(f"/api/v1/sessions/{session}/turns", json={"text": text})
+
+            started = time.monotonic()
+            with ThreadPoolExecutor(2) as pool:
+                answers = list(pool.map(turn, ["First: my cat is Tom.", "Second: my dog is Rex."]))
+            elapsed = time.monotonic() - started
+            for answer in answers:
+                assert answer.status_code == 200, answer.text
+            served = scaled_stack.replica_of([answer.headers["x-request-id"] for answer in answers])
+            assert len(set(served.values())) == 2, "both turns were served by one replica"
+            # One after the other: together they took two slow replies at least.
+            measured(f"two concurrent turns of one session on two replicas took {elapsed:.1f} s")
+            assert elapsed >= 2 * SLOW_REPLY_MS / 1000
+            messages = client.get(f"/api/v1/sessions/{session}").json()["messages"]
+            assert client.delete(f"/api/v1/sessions/{session}").status_code == 204
+    finally:
+        scaled_stack.slow_replies(0)
+    # Both turns, whole, one after the other: each text followed by its own reply.
+    assert [message["role"] for message in messages] == ["user", "assistant", "user", "assistant"]
+    reply_to = {answer.json()["transcript"]: answer.json()["reply"] for answer in answers}
+    assert sorted(reply_to) == ["First: my cat is Tom.", "Second: my dog is Rex."]
+    for said, replied in (messages[0:2], messages[2:4]):
+        assert replied["text"] == reply_to[said["text"]]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: str
+    started: float  # seconds since the replica was killed (negative: before)
+    ended: float
+    status: int | str  # the status, or the exception's name
+
+
+KILL_AFTER_S = 4.0
+STREAM_AFTER_KILL_S = 8.0
+
+
+@needs_engine
+def test_a_replica_killed_during_turns_and_gets_fails_no_get(scaled_stack: ScaledStack) -> None:
+    """Last of the scaled tests: it kills a replica. Turn workers post turns to sessions of
+    their own, GET workers read sessions and reply audio, all through the edge, every request
+    from a client address of its own; one replica gets SIGKILL while all of them run."""
+    sessions: list[tuple[str, str]] = []  # (session path, reply audio url)
+    for number in range(3):
+        with scaled_client(scaled_stack) as client:
+            session = client.post("/api/v1/sessions").json()["session_id"]
+            turn = client.post(f"/api/v1/sessions/{session}/turns", json={"text": f"I am worker {number}."})
+            assert turn.status_code == 200, turn.text
+            sessions.append((f"/api/v1/sessions/{session}", turn.json()["audio_url"]))
+    scaled_stack.slow_replies(SLOW_REPLY_MS)
+    victim = scaled_stack.replicas()[1]
+    killed_at = time.monotonic() + KILL_AFTER_S
+    stop_at = killed_at + STREAM_AFTER_KILL_S
+    outcomes: list[Outcome] = []
+
+    def record(kind: str, request: Callable[[httpx.Client], httpx.Response]) -> None:
+        started = time.monotonic()
+        try:
+            with scaled_client(scaled_stack) as client:
+                status: int | str = request(client).status_code
+        except httpx.HTTPError as error:
+            status = type(error).__name__
+        outcomes.append(Outcome(kind, started - killed_at, time.monotonic() - killed_at, status))
+
+    def turns(worker: int) -> None:
+        path = sessions[worker][0]
+        while time.monotonic() < stop_at:
+            record("POST turn", lambda client: client.post(f"{path}/turns", json={"text": "Still here."}))
+
+    def gets(worker: int) -> None:
+        while time.monotonic() < stop_at:
+            for path, audio_url in sessions:
+                record("GET session", partial(httpx.Client.get, url=path))
+                record("GET audio", partial(httpx.Client.get, url=audio_url))
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            running = [pool.submit(turns, worker) for worker in range(3)]
+            running += [pool.submit(gets, worker) for worker in range(3)]
+            time.sleep(max(0.0, killed_at - time.monotonic()))
+            docker("kill", victim)
+            for future in running:
+                future.result()
+    finally:
+        scaled_stack.slow_replies(0)
+
+    def count(kind: str, when: Callable[[Outcome], bool] = lambda outcome: True) -> dict[str, int]:
+        counted: dict[str, int] = {}
+        for outcome in outcomes:
+            if outcome.kind == kind and when(outcome):
+                counted[str(outcome.status)] = counted.get(str(outcome.status), 0) + 1
+        return counted
+
+    in_flight = count("POST turn", lambda outcome: outcome.started < 0 < outcome.ended)
+    after = count("POST turn", lambda outcome: outcome.started >= 0)
+    gets_counted = {kind: count(kind) for kind in ("GET session", "GET audio")}
+    measured(
+        f"replica killed during {len(outcomes)} requests: GETs {gets_counted}; "
+        f"turns in flight at the kill {in_flight}, started after it {after}, "
+        f"all turns {count('POST turn')}"
+    )
+    for kind, statuses in gets_counted.items():
+        assert statuses.keys() == {"200"}, (kind, statuses)
+    assert sum(after.values()) > 0
+    assert after.keys() == {"200"}, after
+    restarted = docker("inspect", "--format", "{{.State.Running}} {{.RestartCount}}", victim).strip()
+    measured(f"killed replica afterwards (running, restarts): {restarted}")
+    down_s = scaled_stack.down("--volumes")
+    measured(f"scaled stack down in {down_s:.1f} s")
+    assert down_s < DRAIN_S
