@@ -255,6 +255,37 @@ def test_image_is_small_labelled_non_root_and_free_of_build_tools(images: Images
 
 
 @needs_engine
+def test_started_as_root_on_a_root_owned_volume_the_app_takes_it_and_drops_root(images: Images) -> None:
+    """Railway mounts a volume owned by root and, with RAILWAY_RUN_UID=0, starts the image as
+    root: the app gives /app/data to 10001 (APP_RUN_AS_USER, set by the image) and becomes it."""
+    volume = f"voice-root-volume-{os.getpid()}"
+    container = f"voice-run-as-root-{os.getpid()}"
+    app = images.name("app")
+    docker("volume", "create", volume)
+    try:
+        docker(
+            "run", "--rm", "--user", "0", "--network", "none", "--volume", f"{volume}:/app/data", app,
+            "sh", "-c", "touch /app/data/left-by-root && chown -R 0:0 /app/data",
+        )  # fmt: skip
+        docker("run", "--detach", "--name", container, "--user", "0", "--network", "none",
+               "--volume", f"{volume}:/app/data", app)  # fmt: skip
+        health = "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/api/v1/health', timeout=2)"
+        deadline = time.monotonic() + 60
+        while run(shutil.which("docker") or "docker", "exec", container, "python", "-c", health).returncode != 0:
+            assert time.monotonic() < deadline, docker("logs", container)
+            time.sleep(0.5)
+        status = docker("exec", container, "cat", "/proc/1/status")
+        assert f"Uid:\t{NON_ROOT}\t{NON_ROOT}\t{NON_ROOT}\t{NON_ROOT}" in status, status
+        assert f"Gid:\t{NON_ROOT}\t{NON_ROOT}\t{NON_ROOT}\t{NON_ROOT}" in status, status
+        owners = docker("exec", container, "sh", "-c", "find /app/data -exec stat -c %u:%g {} +").split()
+        assert len(owners) > 2, owners  # the directory, what root left, what the app made
+        assert set(owners) == {f"{NON_ROOT}:{NON_ROOT}"}, owners
+    finally:
+        run(shutil.which("docker") or "docker", "rm", "--force", container)
+        run(shutil.which("docker") or "docker", "volume", "rm", "--force", volume)
+
+
+@needs_engine
 def test_the_build_context_holds_only_the_code_and_the_locks(images: Images) -> None:
     """What `.dockerignore` lets through, listed by a build of that context."""
     listing_dockerfile = (
