@@ -3,9 +3,12 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
+from tests.app_support import Simulators, start_simulators
 from tests.servers import RawUpstream, RunningEdge, ServerThread, UpstreamApp, start_edge, start_upstream
+from tests.sim_support import client, start_sim
 
 # The developer's own environment must not change what the tests see.
 for _name in list(os.environ):
@@ -57,3 +60,27 @@ def scripted() -> Iterator[tuple[ServerThread, UpstreamApp]]:
     server, app = start_upstream()
     yield server, app
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def sims() -> Iterator[Simulators]:
+    """Both providers' simulators (`python -m sim`), one pair per test module."""
+    running = start_simulators()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def sim_server() -> Iterator[ServerThread]:
+    """One simulator (`sim.app`) on a loopback thread, per test module."""
+    server = start_sim()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http(sim_server: ServerThread) -> Iterator[httpx.Client]:
+    """A client of `sim_server`, whose faults, latency and counts start from nothing."""
+    with client(sim_server) as http_client:
+        assert http_client.post("/_sim/reset").status_code == 200
+        yield http_client

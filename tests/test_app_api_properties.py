@@ -36,7 +36,6 @@ from tests.app_support import (
     Simulators,
     app_settings,
     start_app,
-    start_simulators,
 )
 
 
@@ -51,13 +50,6 @@ def the_document() -> dict[str, Any]:
 
 DOCUMENT = the_document()
 schema = schemathesis.openapi.from_dict(DOCUMENT)
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[Simulators]:
-    running = start_simulators()
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="module")

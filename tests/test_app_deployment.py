@@ -9,21 +9,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.app_support import API, Simulators, app_environment, app_process, new_port, start_simulators
+from tests.app_support import API, Simulators, app_environment, app_process, new_port
 from tests.processes import PROJECT_ROOT
-
-
-@pytest.fixture
-def sims() -> Iterator[Simulators]:
-    running = start_simulators()
-    yield running
-    running.stop()
 
 
 def test_the_app_on_all_ipv6_addresses_answers_ipv4_and_ipv6_clients(sims: Simulators, tmp_path: Path) -> None:

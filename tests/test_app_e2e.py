@@ -46,7 +46,6 @@ from tests.app_support import (
     start_app,
     start_app_edge,
     start_app_process,
-    start_simulators,
 )
 from tests.servers import RunningEdge, closed_port, wait_until
 from tests.sim_support import parse_mp3_frames, wav_file
@@ -74,13 +73,6 @@ def texts(messages: list[MessageBody]) -> list[tuple[str, str]]:
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[Simulators]:
-    running = start_simulators()
-    yield running
-    running.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -28,7 +28,6 @@ from tests.app_support import (
     error_of,
     fast_outbound,
     new_port,
-    start_simulators,
 )
 from tests.processes import ServiceProcess
 from tests.servers import serve, wait_until
@@ -36,13 +35,6 @@ from tests.sim_support import wav_file
 
 # Headers that differ between any two responses.
 PER_RESPONSE = {"date", "x-request-id"}
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[Simulators]:
-    running = start_simulators()
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="module")

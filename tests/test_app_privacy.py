@@ -56,7 +56,6 @@ from tests.app_support import (
     postgres_schema,
     running_app,
     schema_url,
-    start_simulators,
 )
 from tests.processes import PROJECT_ROOT, edge_process
 from tests.servers import ServerThread, serve
@@ -68,13 +67,6 @@ from tests.wire import WireClient
 SENTENCE = "My tortoise Quillfeather sleeps under the marmalade lantern"
 MARKERS = (SENTENCE.encode(), b"Quillfeather", b"marmalade lantern")
 SHIPPED_POLICY = PROJECT_ROOT / "config" / "edge-policy.toml"
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[Simulators]:
-    running = start_simulators()
-    yield running
-    running.stop()
 
 
 @pytest.fixture(autouse=True)

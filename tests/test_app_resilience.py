@@ -34,7 +34,6 @@ from tests.app_support import (
     error_of,
     new_port,
     running_app,
-    start_simulators,
 )
 from tests.servers import ServerThread, wait_until
 from tests.sim_support import ELEVEN_KEY, GROQ_KEY, running_sim, wav_file
@@ -150,13 +149,6 @@ def test_the_app_started_as_make_run_starts_it_logs_no_warning_and_reports_each_
 
 
 # -- a hung provider costs its step's budget ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[Simulators]:
-    running = start_simulators()
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,6 @@ from tests.app_support import (
     app_environment,
     new_port,
     start_app_process,
-    start_simulators,
 )
 from tests.processes import PROJECT_ROOT, START_TIMEOUT, ServiceProcess, edge_process
 from tests.rate_limit_support import REDIS_URL
@@ -235,13 +234,6 @@ def ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[Simulators]:
-    started = start_simulators()
-    yield started
-    started.stop()
 
 
 def wait_for_ipv6(process: ServiceProcess, url: str, timeout: float = START_TIMEOUT) -> None:

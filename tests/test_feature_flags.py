@@ -30,7 +30,6 @@ from tests.app_support import (
     error_of,
     new_port,
     running_app,
-    start_simulators,
 )
 from tests.servers import free_socket
 
@@ -45,13 +44,6 @@ def context_of(reply: str) -> tuple[int, int]:
     found = CONTEXT.search(reply)
     assert found is not None, reply
     return int(found.group(1)), int(found.group(2))
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[Simulators]:
-    running = start_simulators()
-    yield running
-    running.stop()
 
 
 @pytest.fixture(autouse=True)

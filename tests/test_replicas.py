@@ -43,7 +43,6 @@ from tests.app_support import (
     running_app,
     schema_url,
     start_app_process,
-    start_simulators,
 )
 from tests.processes import ServiceProcess
 from tests.servers import wait_until
@@ -134,13 +133,6 @@ def audio_id_of(turn: TurnBody) -> str:
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[Simulators]:
-    running = start_simulators()
-    yield running
-    running.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,6 @@ from tests.sim_support import (
     logged_calls,
     parse_mp3_frames,
     running_sim,
-    start_sim,
     upload,
     wav_file,
 )
@@ -56,20 +54,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 for _name in list(os.environ):
     if _name.startswith("SIM_"):
         del os.environ[_name]
-
-
-@pytest.fixture(scope="module")
-def sim_server() -> Iterator[ServerThread]:
-    server = start_sim()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def http(sim_server: ServerThread) -> Iterator[httpx.Client]:
-    with client(sim_server) as http_client:
-        assert http_client.post("/_sim/reset").status_code == 200
-        yield http_client
 
 
 def chat(http: httpx.Client, body: Any, headers: dict[str, str] | None = None) -> httpx.Response:

@@ -10,15 +10,13 @@ The WAV and the lame MP3 carry the simulator's tone; the other containers are bu
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from sim import audio, mp3
 from tests import audio_support
-from tests.servers import ServerThread
-from tests.sim_support import client, start_sim, upload
+from tests.sim_support import upload
 
 # Clear of the 3.5 s at which "about 3 seconds" turns into "about 4", so that every
 # container's small difference in timing leaves the transcript's words alike.
@@ -66,20 +64,6 @@ def clip_files() -> list[object]:
         ),
         pytest.param("clip.flac", audio_support.flac(round(CLIP_SECONDS * rate), rate=rate), id="flac"),
     ]
-
-
-@pytest.fixture(scope="module")
-def sim_server() -> Iterator[ServerThread]:
-    server = start_sim()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def http(sim_server: ServerThread) -> Iterator[httpx.Client]:
-    with client(sim_server) as http_client:
-        assert http_client.post("/_sim/reset").status_code == 200
-        yield http_client
 
 
 @pytest.mark.parametrize(("filename", "data"), clip_files())
