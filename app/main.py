@@ -30,6 +30,8 @@ from app.memory.embedding import HashingEmbedder
 from app.memory.store import MemoryStore, MemoryUnavailable
 from app.observability import RequestContextMiddleware
 from app.outbound import Outbound, OutboundSettings
+from app.page import routes as page
+from app.page.assets import build_page
 from app.providers.elevenlabs import ElevenLabs
 from app.providers.groq import Groq
 from app.settings import AppSettings
@@ -102,12 +104,23 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.state.page = build_page(page_settings(settings))
+    app.include_router(page.router)
     # The API's routes, and the few FastAPI adds itself (the document and its viewer).
     routes = [*router.routes, *app.routes]
     implemented = {method for route in routes for method in getattr(route, "methods", None) or ()}
     app.add_middleware(RequestMethods, implemented=implemented)
     app.add_middleware(RequestContextMiddleware, tracer=telemetry.tracer)
     return app
+
+
+def page_settings(settings: AppSettings) -> dict[str, str]:
+    """What the voice page needs to know of the app before its first request."""
+    return {
+        "max_audio_seconds": f"{settings.max_audio_seconds:g}",
+        "turn_timeout_s": f"{settings.turn_timeout_s:g}",
+        "max_text_chars": str(settings.max_text_chars),
+    }
 
 
 def _bearer(settings: AppSettings) -> dict[str, str]:

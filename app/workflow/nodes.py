@@ -7,6 +7,8 @@ failure: its steps do nothing, call nobody and degrade nothing (docs/app.md#feat
 
 transcribe -> recall -> reply -> speak -> remember -> summarise
                           \\-> (reply unavailable) end: the user's words are kept
+
+A turn that repeats the kept words (the page's "Try again") is not added a second time.
 """
 
 from __future__ import annotations
@@ -74,12 +76,18 @@ async def transcribe(state: Conversation, runtime: Runtime[TurnContext]) -> dict
             raise NothingHeard
     else:
         transcript = turn.get("text", "")
+    timed_turn = timed(turn, "transcribe", started, transcript=transcript)
+    if _unanswered(state, transcript):
+        # The same words again after `reply_unavailable` kept them: a retry, answered once.
+        return {"turn": timed_turn}
     message: Message = {"role": "user", "text": transcript, "at": now(), "turn_id": turn["turn_id"]}
-    return {
-        "turn": timed(turn, "transcribe", started, transcript=transcript),
-        "messages": [message],
-        "updated_at": message["at"],
-    }
+    return {"turn": timed_turn, "messages": [message], "updated_at": message["at"]}
+
+
+def _unanswered(state: Conversation, words: str) -> bool:
+    """Whether the conversation ends with these very words of the person, unanswered."""
+    messages = state.get("messages", [])
+    return bool(messages) and messages[-1]["role"] == "user" and messages[-1]["text"] == words
 
 
 async def recall(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:
