@@ -124,6 +124,18 @@ def test_configured_csp_replaces_the_html_csp_only(custom_csp_edge: RunningEdge)
     assert api.headers.get_list("content-security-policy") == [API_CSP]
 
 
+def test_not_modified_gets_no_preset_so_the_kept_pages_csp_stays(scripted_edge: RunningEdge) -> None:
+    """A browser merges a 304's headers into the page it kept: the API preset's
+    `default-src 'none'` on a 304 of a page would block its scripts on every reload."""
+    response = fetch(
+        scripted_edge, "/page", query=[("status", "304"), ("header", "Server: upstream/1.0"), ("header", 'ETag: "v1"')]
+    )
+    assert response.status_code == 304
+    assert response.headers["etag"] == '"v1"'
+    for name in ("content-security-policy", "x-frame-options", "referrer-policy", "server"):
+        assert name not in response.headers, name
+
+
 def test_upstream_server_header_is_removed(edge: RunningEdge) -> None:
     response = fetch(edge, "/hop-by-hop")
     assert response.status_code == 200

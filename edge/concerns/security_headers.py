@@ -2,7 +2,10 @@
 
 Both are built once at start-up. A header the upstream already set is left as it is (the
 app knows its own pages best); missing ones are added to every response, the edge's own
-errors included. The upstream's `Server` and `X-Powered-By` are removed.
+errors included, but a 304: a browser merges a 304's headers into the response it kept,
+and a 304 has no content type to choose a preset by (an API preset on it would replace a
+page's CSP with `default-src 'none'`). The upstream's `Server` and `X-Powered-By` are
+removed from every response.
 
 - HSTS: two years with subdomains by default (at least one year is enforced).
 - HTML: a CSP for the voice page - scripts, styles and connections only from the page's
@@ -31,7 +34,6 @@ PERMISSIONS = (
     .payment()
     .usb()
     .serial()
-    .bluetooth()
     .display_capture()
 )
 
@@ -90,7 +92,11 @@ class SecurityHeadersMiddleware:
 
         async def send_with_security_headers(message: Message) -> None:
             if message["type"] in ("http.response.start", "websocket.http.response.start"):
-                message["headers"] = self.secure(message.get("headers", ()))
+                headers = message.get("headers", ())
+                if message["status"] == 304:
+                    message["headers"] = [header for header in headers if header[0] not in REMOVED]
+                else:
+                    message["headers"] = self.secure(headers)
             await send(message)
 
         await self.app(scope, receive, send_with_security_headers)
