@@ -176,7 +176,7 @@ ui.errorRetry.addEventListener("click", () => {
 // -- the conversation ----------------------------------------------------------------------
 
 function addMessage(role, text, { audioUrl = null, degraded = [], note = "" } = {}) {
-  const item = document.createElement("li");
+  const item = document.createElement("div");
   item.className = `message ${role}`;
   const who = document.createElement("span");
   who.className = "who";
