@@ -36,10 +36,11 @@ typecheck: install
 services:
 	@scripts/ensure_services.sh
 
-# The simulator's real speech (espeak-ng) and MP3 encoder (lame), which the tests exercise;
-# without them the simulator answers with tones and silent MP3 frames.
+# The simulator's real speech (espeak-ng) and MP3 encoder (lame), which the tests exercise
+# (without them the simulator answers with tones and silent MP3 frames), and Debian's
+# Chromium for the voice page's browser tests (Playwright drives it; never `playwright install`).
 test-tools:
-	@scripts/install_debian_packages.sh espeak-ng:espeak-ng lame:lame
+	@scripts/install_debian_packages.sh espeak-ng:espeak-ng lame:lame chromium:chromium
 
 # Re-pins every deployable's transitive dependencies after a change to pyproject.toml.
 lock: install
