@@ -27,14 +27,7 @@ REMOVED = frozenset({b"server", b"x-powered-by"})
 
 # Features a voice page never needs are switched off; the microphone is its own origin's.
 PERMISSIONS = (
-    secure.PermissionsPolicy()
-    .microphone("self")
-    .camera()
-    .geolocation()
-    .payment()
-    .usb()
-    .serial()
-    .display_capture()
+    secure.PermissionsPolicy().microphone("self").camera().geolocation().payment().usb().serial().display_capture()
 )
 
 
