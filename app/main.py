@@ -22,6 +22,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from qdrant_client import AsyncQdrantClient
 
+from app.api import docs as api_docs
+from app.api.docs import OPENAPI_URL, build_docs
 from app.api.errors import install_error_handlers
 from app.api.methods import RequestMethods
 from app.api.routes import router
@@ -85,9 +87,11 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
         version="1",
         summary="A voice companion: speak, be heard, be answered, be remembered.",
         lifespan=lifespan,
-        docs_url="/api/v1/docs" if docs else None,
-        openapi_url="/api/v1/openapi.json" if docs else None,
+        # The viewer is app/api/docs.py's: FastAPI's own loads Swagger UI from a CDN.
+        docs_url=None,
+        openapi_url=OPENAPI_URL if docs else None,
         redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
         # Starlette's redirect to the path with(out) its trailing slash writes an absolute
         # Location from the client's Host header; one spelling per path, the other a 404.
         redirect_slashes=False,
@@ -105,7 +109,12 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
     install_error_handlers(app)
     app.include_router(router)
     app.state.page = build_page(page_settings(settings))
+    app.state.assets = dict(app.state.page.assets)
     app.include_router(page.router)
+    if docs:
+        app.state.docs = build_docs()
+        app.state.assets |= app.state.docs.assets
+        app.include_router(api_docs.router)
     # The API's routes, and the few FastAPI adds itself (the document and its viewer).
     routes = [*router.routes, *app.routes]
     implemented = {method for route in routes for method in getattr(route, "methods", None) or ()}

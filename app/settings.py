@@ -51,7 +51,11 @@ class AppSettings(OtelSettings):
     feature_memory: bool = True
     feature_speech: bool = True
     feature_summaries: bool = True
-    feature_api_docs: bool = Field(default_factory=_api_docs_by_default)
+    # `APP_DOCS_ENABLED` is the deployment plan's name for it; the flag's own name wins.
+    feature_api_docs: bool = Field(
+        default_factory=_api_docs_by_default,
+        validation_alias=AliasChoices("APP_FEATURE_API_DOCS", "APP_DOCS_ENABLED"),
+    )
 
     turn_timeout_s: float = Field(60.0, gt=0, le=600)
     # What each step's provider call may take, or what is left of the turn if that is less
@@ -164,7 +168,10 @@ class AppSettings(OtelSettings):
                 "(database statements' parameters, provider exchanges); use info"
             )
         if self.feature_api_docs:
-            unsafe.append("APP_FEATURE_API_DOCS=true: the API's documentation is not published in production")
+            unsafe.append(
+                "APP_FEATURE_API_DOCS=true (or APP_DOCS_ENABLED=true): "
+                "the API's documentation is not published in production"
+            )
         refuse_in_production(self.environment, unsafe)
         return self
 

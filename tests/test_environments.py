@@ -303,7 +303,9 @@ def test_edge_trusting_every_address_is_refused_in_every_environment(tmp_path: P
         ({"GROQ_BASE_URL": "http://sim:9100/openai/v1"}, (), {"GROQ_BASE_URL"}),
         ({"ELEVENLABS_BASE_URL": "http://sim:9100"}, (), {"ELEVENLABS_BASE_URL"}),
         ({"APP_LOG_LEVEL": "debug"}, (), {"APP_LOG_LEVEL"}),
-        ({"APP_FEATURE_API_DOCS": "true"}, (), {"APP_FEATURE_API_DOCS"}),
+        # The refusal names the flag by both its names, whichever was set.
+        ({"APP_FEATURE_API_DOCS": "true"}, (), {"APP_FEATURE_API_DOCS", "APP_DOCS_ENABLED"}),
+        ({"APP_DOCS_ENABLED": "true"}, (), {"APP_FEATURE_API_DOCS", "APP_DOCS_ENABLED"}),
     ],
     ids=[
         "groq-key-unset",
@@ -315,6 +317,7 @@ def test_edge_trusting_every_address_is_refused_in_every_environment(tmp_path: P
         "elevenlabs-over-http",
         "debug-log",
         "api-docs",
+        "api-docs-by-its-other-name",
     ],
 )
 def test_production_app_refuses(
@@ -330,7 +333,7 @@ def test_production_app_refuses(
 def test_production_app_lists_every_refusal_at_once(tmp_path: Path) -> None:
     values = {"APP_LOG_LEVEL": "debug", "APP_FEATURE_API_DOCS": "true", "ELEVENLABS_API_KEY": "simulated"}
     result = run_module("app", app_environment(tmp_path, **values), ("GROQ_API_KEY",))
-    assert_refused(result, {"ENVIRONMENT", "GROQ_API_KEY", *values})
+    assert_refused(result, {"ENVIRONMENT", "GROQ_API_KEY", "APP_DOCS_ENABLED", *values})
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from app.api.docs import build_docs
 from app.settings import AppSettings
 from common.settings import Environment
 from tests.app_support import (
@@ -86,6 +87,24 @@ def test_flags_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     settings = AppSettings()
     flags = (settings.feature_memory, settings.feature_speech, settings.feature_summaries, settings.feature_api_docs)
     assert flags == (False, False, False, True)
+
+
+@pytest.mark.parametrize(
+    ("values", "published"),
+    [
+        ({"APP_DOCS_ENABLED": "true"}, True),
+        ({"APP_DOCS_ENABLED": "false", "ENVIRONMENT": "development"}, False),
+        ({"APP_DOCS_ENABLED": "true", "APP_FEATURE_API_DOCS": "false"}, False),
+        ({"APP_DOCS_ENABLED": "false", "APP_FEATURE_API_DOCS": "true"}, True),
+    ],
+)
+def test_the_documentation_flag_has_another_name_which_its_own_name_overrides(
+    monkeypatch: pytest.MonkeyPatch, values: dict[str, str], published: bool
+) -> None:
+    monkeypatch.setenv("ENVIRONMENT", "staging")
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    assert AppSettings().feature_api_docs is published
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -167,14 +186,18 @@ def test_the_documentation_is_served_in_development_and_not_elsewhere(sims: Simu
         document = api.get(f"{API}/openapi.json")
         assert document.status_code == 200, document.text
         assert document.json()["openapi"].startswith("3.")
-        assert api.get(f"{API}/docs").status_code == 200
+        viewer = api.get(f"{API}/docs")
+        assert viewer.status_code == 200
+        for name in build_docs().assets:
+            assert f"/assets/{name}" in viewer.text
         for path in NEVER_SERVED:
             assert error_of(api.get(path))["code"] == "not_found", path
         assert api.get(f"{API}/ready").json()["features"]["api_docs"] is True
 
     staging = app_settings(sims, tmp_path / "staging", environment="staging")
+    swagger_ui = [f"/assets/{name}" for name in build_docs().assets]
     with running_app(staging) as app, ApiClient(app.url) as api:
-        for path in (*DOCUMENTATION, *NEVER_SERVED):
+        for path in (*DOCUMENTATION, *NEVER_SERVED, *swagger_ui):
             hidden = api.get(path)
             assert hidden.status_code == 404, (path, hidden.text)
             assert error_of(hidden)["code"] == "not_found"

@@ -6,8 +6,6 @@ and the browsers are shared. The simulator's fault API makes providers fail on p
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -18,34 +16,21 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
+from tests.browser import assert_accessible, launch, needs_chromium, opened_page
 from tests.processes import PROJECT_ROOT
 from tests.test_run_stack import Stack, started_stack
 
-CHROMIUM = Path("/usr/bin/chromium")
-# axe-core as the pinned axe-playwright-python ships it (its Python API is not used).
-AXE_SPEC = importlib.util.find_spec("axe_playwright_python")
-assert AXE_SPEC is not None
-assert AXE_SPEC.origin is not None
-AXE_SOURCE = (Path(AXE_SPEC.origin).parent / "axe.min.js").read_text()
 TURN_TIMEOUT_MS = 30000
 TURN_LIMIT = 'rate_limit = "10/minute;200/day"'
 SPOKEN = "Hello there. I love hiking in the mountains, and my sister lives in Paris."
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--autoplay-policy=user-gesture-required",
+pytestmark = [
+    needs_chromium,
+    pytest.mark.skipif(
+        shutil.which("espeak-ng") is None, reason="needs espeak-ng (make test-tools installs it as root)"
+    ),
 ]
-
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists() or shutil.which("espeak-ng") is None,
-    reason="needs Debian's chromium and espeak-ng (make test-tools installs them as root)",
-)
 
 
 @dataclass
@@ -54,40 +39,6 @@ class Browsers:
     asking: Browser  # the same microphone, prompts left to the context's permissions (none: denied)
     without_microphone: Browser  # no capture device at all
     speech: Path
-
-    @contextlib.contextmanager
-    def page(self, browser: Browser, url: str, permissions: list[str] | None = None) -> Iterator[Page]:
-        """A fresh context's page at `url`, failing the test on any page error or CSP violation."""
-        context = browser.new_context(permissions=["microphone"] if permissions is None else permissions)
-        problems: list[str] = []
-        page = context.new_page()
-        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-        page.on(
-            "console",
-            lambda message: (
-                problems.append(message.text)
-                if message.type == "error" and "Content Security Policy" in message.text
-                else None
-            ),
-        )
-        page.goto(url)
-        try:
-            yield page
-        finally:
-            context.close()
-        assert not problems, problems
-
-
-def axe_violations(page: Page) -> list[dict[str, object]]:
-    """axe-core's serious and critical violations on the page as it is now. Run through
-    the DevTools protocol, which the page's CSP does not govern."""
-    page.evaluate(AXE_SOURCE)
-    found = page.evaluate("async () => (await axe.run(document)).violations")
-    return [
-        {"id": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]]}
-        for v in found
-        if v["impact"] in ("serious", "critical")
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -125,16 +76,6 @@ def browsers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browsers]:
         )
 
 
-def launch(playwright: Playwright, *flags: str) -> Browser:
-    return playwright.chromium.launch(
-        executable_path=str(CHROMIUM),
-        headless=True,
-        args=[*FLAGS, *flags],
-        # Playwright lets pages play sound without a gesture; people's browsers do not.
-        ignore_default_args=["--autoplay-policy=no-user-gesture-required"],
-    )
-
-
 @pytest.fixture
 def sim(stack: Stack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=stack.sim_url, timeout=5) as client:
@@ -145,7 +86,7 @@ def sim(stack: Stack) -> Iterator[httpx.Client]:
 
 @pytest.fixture
 def page(stack: Stack, browsers: Browsers, sim: httpx.Client) -> Iterator[Page]:
-    with browsers.page(browsers.with_microphone, stack.edge_url) as opened:
+    with opened_page(browsers.with_microphone, stack.edge_url) as opened:
         yield opened
 
 
@@ -177,11 +118,6 @@ def send_text(page: Page, text: str) -> None:
 def session_id(page: Page) -> str | None:
     value: str | None = page.evaluate("() => localStorage.getItem('voice-companion.session')")
     return value
-
-
-def assert_accessible(page: Page) -> None:
-    violations = axe_violations(page)
-    assert not violations, violations
 
 
 # -- talking -----------------------------------------------------------------------------------
@@ -374,7 +310,7 @@ def test_reply_unavailable_keeps_the_words_counts_down_and_try_again_answers_onc
 
 
 def test_too_many_turns_count_down_from_retry_after(browsers: Browsers, tmp_path: Path) -> None:
-    with started_stack(tmp_path) as shipped, browsers.page(browsers.with_microphone, shipped.edge_url) as page:
+    with started_stack(tmp_path) as shipped, opened_page(browsers.with_microphone, shipped.edge_url) as page:
         send_text(page, "Hello")  # the page's session, and one turn of the ten
         wait_for_replies(page, 1)
         identifier = session_id(page)
@@ -393,7 +329,7 @@ def test_too_many_turns_count_down_from_retry_after(browsers: Browsers, tmp_path
 
 
 def test_microphone_denied_says_how_to_allow_it(stack: Stack, browsers: Browsers) -> None:
-    with browsers.page(browsers.asking, stack.edge_url, permissions=[]) as page:
+    with opened_page(browsers.asking, stack.edge_url, permissions=[]) as page:
         talk_button(page).click()
         alert = page.get_by_role("alert")
         expect(alert).to_contain_text("Microphone access is blocked")
@@ -404,7 +340,7 @@ def test_microphone_denied_says_how_to_allow_it(stack: Stack, browsers: Browsers
 
 
 def test_no_microphone_says_to_connect_one(stack: Stack, browsers: Browsers) -> None:
-    with browsers.page(browsers.without_microphone, stack.edge_url) as page:
+    with opened_page(browsers.without_microphone, stack.edge_url) as page:
         talk_button(page).click()
         expect(page.get_by_role("alert")).to_contain_text("No microphone was found")
 

@@ -74,8 +74,15 @@ def fingerprint(content: bytes) -> str:
     raise AssertionError("a SHA-256 in hex always has such a run")  # pragma: no cover
 
 
-def build_page(values: Mapping[str, str], static: Path = STATIC) -> Page:
-    sources = {path.name: path.read_bytes() for path in sorted(static.iterdir()) if path.is_file()}
+def files_in(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.is_file()}
+
+
+def build_page(values: Mapping[str, str], sources: Mapping[str, bytes] | None = None) -> Page:
+    """The page of `sources` (file name -> content, `index.html` among them; the voice page's
+    `static/` by default), its `{{name}}` placeholders filled from `values`."""
+    if sources is None:
+        sources = files_in(STATIC)
     hashed: dict[str, str] = {}  # source name -> hashed name
     assets: dict[str, File] = {}
 
@@ -83,7 +90,7 @@ def build_page(values: Mapping[str, str], static: Path = STATIC) -> Page:
         if name in hashed:
             return hashed[name]
         if name not in sources or name == INDEX:
-            raise ValueError(f"{chain[-1] if chain else INDEX} refers to /assets/{name}, which is not in {static}")
+            raise ValueError(f"{chain[-1] if chain else INDEX} refers to /assets/{name}, which is not among its files")
         if name in chain:
             raise ValueError(f"an import cycle: {' -> '.join((*chain, name))}")
         content = _rewrite(sources[name], lambda ref: hashed_name(ref, (*chain, name)), name)

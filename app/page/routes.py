@@ -5,6 +5,8 @@ that a revalidation costs a 304; both answer gzip to a client that accepts it.""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
@@ -14,25 +16,27 @@ from app.page.assets import File, Page
 router = APIRouter(include_in_schema=False)
 
 
-def page_of(request: Request) -> Page:
-    page: Page = request.app.state.page
-    return page
-
-
 @router.get("/")
 async def index(request: Request) -> Response:
-    page = page_of(request).index
-    if page.etag in _etags(request.headers.get("if-none-match", "")):
-        return Response(status_code=304, headers={"etag": page.etag, "vary": "accept-encoding"})
-    return _served(page, request)
+    page: Page = request.app.state.page
+    return html(page.index, request)
 
 
 @router.get("/assets/{name}")
 async def asset(name: str, request: Request) -> Response:
-    found = page_of(request).assets.get(name)
+    # The voice page's and, when published, the API documentation's (app/api/docs.py).
+    assets: Mapping[str, File] = request.app.state.assets
+    found = assets.get(name)
     if found is None:
         raise HTTPException(404)
     return _served(found, request)
+
+
+def html(file: File, request: Request) -> Response:
+    """A page's HTML, or a 304 when the client holds this version."""
+    if file.etag in _etags(request.headers.get("if-none-match", "")):
+        return Response(status_code=304, headers={"etag": file.etag, "vary": "accept-encoding"})
+    return _served(file, request)
 
 
 def _served(file: File, request: Request) -> Response:
