@@ -1,4 +1,5 @@
-"""The simulator's own API under `/_sim/`: faults, latency, call counts, health.
+"""The simulator's own API under `/_sim/`: faults, latency, call counts, what chat calls
+were given, health.
 
 Tests and developers drive it over HTTP, so a test of the app can make a provider fail
 while the app runs in another process. Its own errors use the project's envelope
@@ -83,6 +84,9 @@ def control_routes(state: SimState, reset_budgets: Callable[[], None], health: d
         state.reset_calls()
         return JSONResponse({route: state.stats[route].describe() for route in ROUTES})
 
+    async def get_chats(request: Request) -> JSONResponse:
+        return JSONResponse({"chats": list(state.chats)})
+
     def latency() -> dict[str, Any]:
         return {"base_ms": state.base_latency_ms, "routes": dict(state.route_latency_ms)}
 
@@ -117,6 +121,7 @@ def control_routes(state: SimState, reset_budgets: Callable[[], None], health: d
         Route("/_sim/faults", clear_faults, methods=["DELETE"]),
         Route("/_sim/calls", get_calls, methods=["GET"]),
         Route("/_sim/calls", reset_calls, methods=["DELETE"]),
+        Route("/_sim/chats", get_chats, methods=["GET"]),
         Route("/_sim/latency", get_latency, methods=["GET"]),
         Route("/_sim/latency", set_latency, methods=["PUT"]),
         Route("/_sim/reset", reset, methods=["POST"]),

@@ -169,6 +169,7 @@ class Groq:
             return error_response(error, rid)
 
     def complete(self, chat: ChatRequest, rid: str) -> Response:
+        self.state.chats.append(replies.context(chat.messages, chat.json_mode))
         content = replies.json_reply(chat.messages) if chat.json_mode else replies.text_reply(chat.messages)
         prompt_tokens = estimate_tokens("".join(m.content for m in chat.messages))
         completion_tokens = estimate_tokens(content)

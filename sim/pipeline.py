@@ -33,6 +33,7 @@ ROUTES: tuple[RouteName, ...] = get_args(RouteName)
 # nginx's code for "the client closed the connection before the answer": the call is
 # counted with it when the client gave up during a simulated delay.
 CLIENT_CLOSED = 499
+CHATS_KEPT = 200
 
 
 class SimulatedAbort(Exception):
@@ -102,6 +103,8 @@ class SimState:
         self.route_latency_ms: dict[RouteName, int] = dict.fromkeys(ROUTES, 0)
         self.faults: dict[RouteName, deque[QueuedFault]] = {route: deque() for route in ROUTES}
         self.stats: dict[RouteName, RouteStats] = {route: RouteStats() for route in ROUTES}
+        # What the latest chat completions were given (sim/replies.py's `context`).
+        self.chats: deque[dict[str, Any]] = deque(maxlen=CHATS_KEPT)
         self._ids = itertools.count(1)
 
     def add_fault(self, spec: FaultSpec) -> QueuedFault:
@@ -130,6 +133,7 @@ class SimState:
 
     def reset_calls(self) -> None:
         self.stats = {route: RouteStats() for route in ROUTES}
+        self.chats.clear()
 
     def latency_seconds(self, route: RouteName) -> float:
         return (self.base_latency_ms + self.route_latency_ms[route]) / 1000

@@ -1,16 +1,20 @@
 """What the simulated LLM says: a pure function of the messages, so tests can predict it.
 
-Text replies:
+Text replies (docs/simulator.md#what-it-says has the rules and examples):
 - a system prompt containing "summar" (summarise, summary...): `Summary: ` and the first
   300 characters of the user and assistant messages, joined by spaces;
-- otherwise `I hear you: "<last user message>". (context: N messages, M memories)`, where N
-  counts the user and assistant messages before the last user message and M the `- ` lines
-  of each `Memories:` section in the system messages.
+- otherwise a short reply a person trying the page can follow, built from the last user
+  message and what the prompt gives: a greeting answered, a statement about the speaker
+  reflected in the second person, "what do you remember" answered from the `Memories:`
+  section, other questions answered honestly (it is a simulation).
+
+What each call was given (`context`) is not in the reply: the simulator keeps it for
+`GET /_sim/chats`, where tests read it.
 
 JSON-object replies:
 - a system prompt that mentions memories or facts is the memory analyser: `{"fact": ...}`,
-  a third-person rewrite of the last user message when it says something about the speaker
-  (and is not a question), else `{"fact": null}`;
+  a third-person rewrite of the sentences of the last user message that say something
+  about the speaker (and are not questions), else `{"fact": null}`;
 - otherwise `{"text": "<last user message>"}`.
 """
 
@@ -63,6 +67,49 @@ _ADVERBS = frozenset(
 )
 
 
+_GREETING = re.compile(
+    r"^(?:hello|hi|hey|hiya|good (?:morning|afternoon|evening)|greetings)(?: there| rose)?\b[\s,.!]*", re.IGNORECASE
+)
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
+_RECALL = re.compile(r"\b(?:remember|recall|know about me)\b", re.IGNORECASE)
+_RECALLED = 3  # memories said back at most: a spoken reply stays short
+_ANSWERS = [
+    (re.compile(r"\b(?:are you there|can you hear me)\b"), "Yes, I'm here and listening."),
+    (re.compile(r"\bhow are you\b"), "I'm well, thank you for asking. How are you feeling today?"),
+    (
+        re.compile(r"\b(?:your name|who are you)\b"),
+        "I'm Rose, your companion. Right now I'm a simulation running offline, so I keep things simple.",
+    ),
+]
+_THE_USERS = re.compile(r"\bthe user's\b", re.IGNORECASE)
+_THE_USER = re.compile(r"\bthe user\s+([A-Za-z']+)", re.IGNORECASE)
+_BACK_FROM_THIRD = {"is": "are", "was": "were", "has": "have", "does": "do", "doesn't": "don't", "isn't": "aren't"}
+_TO_YOU = {
+    "i": "you",
+    "i'm": "you're",
+    "i've": "you've",
+    "i'd": "you'd",
+    "i'll": "you'll",
+    "my": "your",
+    "mine": "yours",
+    "me": "you",
+    "myself": "yourself",
+    "their": "your",
+    "theirs": "yours",
+    "them": "you",
+    "themselves": "yourself",
+}
+_AFTER_YOU = {"am": "are", "was": "were", "wasn't": "weren't"}
+_STOP = frozenset(
+    {
+        *("what", "where", "when", "who", "how", "why", "which", "the", "and", "you", "your", "about", "that"),
+        *("remember", "recall", "know", "anything", "something", "tell", "did", "does", "can", "could", "would"),
+        *("user", "their", "they", "them", "have", "has", "was", "were", "are", "for", "with", "from", "this"),
+    }
+)
+
+
 @dataclass(frozen=True)
 class Message:
     role: str
@@ -77,9 +124,9 @@ def last_user_message(messages: Sequence[Message]) -> tuple[int, str]:
     return -1, ""
 
 
-def count_memories(messages: Sequence[Message]) -> int:
+def memories_in(messages: Sequence[Message]) -> list[str]:
     """`- ` lines right under a line starting with `Memories:`, in system messages."""
-    count = 0
+    found: list[str] = []
     for message in messages:
         if message.role != "system":
             continue
@@ -89,10 +136,23 @@ def count_memories(messages: Sequence[Message]) -> int:
             if stripped.startswith("Memories:"):
                 in_section = True
             elif in_section and stripped.startswith("- "):
-                count += 1
+                found.append(stripped.removeprefix("- ").strip())
             else:
                 in_section = False
-    return count
+    return found
+
+
+def context(messages: Sequence[Message], json_mode: bool) -> dict[str, Any]:
+    """What a call was given, as `GET /_sim/chats` lists it: its kind, the last user
+    message, how many user and assistant messages came before it, how many memories."""
+    index, last = last_user_message(messages)
+    kind = "json" if json_mode else "summary" if _SUMMARY.search(system_text(messages)) else "reply"
+    return {
+        "kind": kind,
+        "said": last,
+        "messages": sum(1 for m in messages[: max(index, 0)] if m.role in ("user", "assistant")),
+        "memories": len(memories_in(messages)),
+    }
 
 
 def system_text(messages: Sequence[Message]) -> str:
@@ -104,15 +164,96 @@ def text_reply(messages: Sequence[Message]) -> str:
         spoken = " ".join(m.content for m in messages if m.role in ("user", "assistant"))
         return "Summary: " + spoken[:SUMMARY_LENGTH]
     index, last = last_user_message(messages)
-    earlier = sum(1 for m in messages[: max(index, 0)] if m.role in ("user", "assistant"))
-    return f'I hear you: "{last}". (context: {earlier} messages, {count_memories(messages)} memories)'
+    met_before = any(m.role == "assistant" for m in messages[: max(index, 0)]) or bool(memories_in(messages))
+    said = last.strip()
+    greeting = _GREETING.match(said)
+    rest = said[greeting.end() :].strip() if greeting else said
+    parts: list[str] = []
+    if greeting:
+        parts.append("Hello again!" if met_before else "Hello, I'm Rose.")
+    if not rest:
+        parts.append("How are you today?" if greeting else "I'm listening. What's on your mind?")
+    elif rest.endswith("?") and _RECALL.search(rest):
+        parts.append(recollection(rest, memories_in(messages)))
+    elif rest.endswith("?"):
+        parts.append(answer(rest))
+    elif states_fact(rest):
+        parts.append(f"{second_person(rest)} Thank you for telling me, I'll keep that in mind.")
+    else:
+        parts.append("I see. Tell me more about that.")
+    return " ".join(parts)
+
+
+def recollection(question: str, memories: Sequence[str]) -> str:
+    """The memories the question is about (sharing a word with it), or all of them."""
+    if not memories:
+        return "I don't remember anything about you yet. Tell me about yourself and I'll keep it in mind."
+    asked = _content_words(question)
+    relevant = [memory for memory in memories if asked & _content_words(memory)] or list(memories)
+    facts = [_lower_you(second_person(memory).rstrip(".!")) for memory in relevant[:_RECALLED]]
+    listed = facts[0] if len(facts) == 1 else ", ".join(facts[:-1]) + " and " + facts[-1]
+    return f"I remember that {listed}."
+
+
+def _lower_you(fact: str) -> str:
+    return "y" + fact[1:] if fact.startswith(("You ", "Your ", "You'")) else fact
+
+
+def answer(question: str) -> str:
+    lower = question.lower()
+    for pattern, reply in _ANSWERS:
+        if pattern.search(lower):
+            return reply
+    return (
+        "That's a good question. I'm the companion's offline simulation, so I can't really "
+        "answer it, but I'm glad to keep talking."
+    )
+
+
+def second_person(text: str) -> str:
+    """The speaker's own words, or a memory about "the user", said back to them: "I love my
+    dog" and "The user loves their dog." both become "You love your dog." """
+    words = text.strip()
+    words = _THE_USERS.sub("your", words)
+    words = _THE_USER.sub(lambda match: "you " + _second_person_verb(match.group(1)), words)
+    out: list[str] = []
+    after_i = False
+    for token in _TOKEN.findall(words):
+        lower = token.lower()
+        if after_i and token[0].isalpha():
+            out.append(_AFTER_YOU.get(lower, token))
+            after_i = False
+            continue
+        if token[0].isalpha() or token[0] == "'":
+            after_i = lower == "i"
+        out.append(_TO_YOU.get(lower, token) if token[0].isalpha() else token)
+    said = _SENTENCE_START.sub(lambda match: match.group(1) + match.group(2).upper(), "".join(out).strip())
+    return said if not said or said[-1] in ".!" else said + "."
+
+
+def _second_person_verb(verb: str) -> str:
+    lower = verb.lower()
+    if lower in _BACK_FROM_THIRD:
+        return _BACK_FROM_THIRD[lower]
+    if lower.endswith("ies") and len(lower) > 4:
+        return verb[:-3] + "y"
+    if lower.endswith(("sses", "shes", "ches", "xes", "zes", "oes")):
+        return verb[:-2]
+    if lower.endswith("s") and not lower.endswith("ss"):
+        return verb[:-1]
+    return verb
+
+
+def _content_words(text: str) -> set[str]:
+    return {word.rstrip("s") for word in re.findall(r"[a-z]+", text.lower()) if word not in _STOP and len(word) > 2}
 
 
 def json_reply(messages: Sequence[Message]) -> str:
     _, last = last_user_message(messages)
     reply: dict[str, Any]
     if _MEMORY_PROMPT.search(system_text(messages)):
-        reply = {"fact": third_person(last) if states_fact(last) else None}
+        about_speaker = " ".join(sentence for sentence in _SENTENCE.split(last.strip()) if states_fact(sentence))
+        reply = {"fact": third_person(about_speaker) if about_speaker else None}
     else:
         reply = {"text": last}
     return orjson.dumps(reply).decode()

@@ -93,6 +93,15 @@ class Simulators:
         stats = httpx.get(f"{self.server_for(route).url}/_sim/calls", trust_env=False).json()
         return cast(dict[str, int], stats[route]["statuses"])
 
+    def context(self, said: str) -> tuple[int, int]:
+        """(messages, memories) the latest reply to `said` was given, as the simulator
+        recorded it (`GET /_sim/chats`): what the app put in the prompt."""
+        chats = httpx.get(f"{self.groq.url}/_sim/chats", trust_env=False).json()["chats"]
+        for chat in reversed(chats):
+            if chat["kind"] == "reply" and chat["said"] == said:
+                return int(chat["messages"]), int(chat["memories"])
+        raise AssertionError(f"no reply to {said!r} among {chats}")
+
     def stop(self) -> None:
         self.groq.stop()
         self.elevenlabs.stop()

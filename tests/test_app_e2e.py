@@ -5,10 +5,10 @@ Two simulators stand in for Groq and ElevenLabs; their fault API makes a provide
 and their call counts show what reached them. The app runs in a thread (`create_app` under
 uvicorn, its lifespan as in production) where a test needs to look inside it, and as
 `python -m app` where the process itself matters: a restart on the same data, two
-replicas sharing PostgreSQL, a start-up that cannot reach its database. The simulator's
-chat reply says how many messages and memories the model was given - `(context: N
-messages, M memories)` - which is how these tests see context continuity and memory
-isolation from the outside.
+replicas sharing PostgreSQL, a start-up that cannot reach its database. The simulator
+records how many messages and memories the model was given for each reply (`GET
+/_sim/chats`), which is how these tests see context continuity and memory isolation from
+the outside.
 """
 
 from __future__ import annotations
@@ -52,20 +52,12 @@ from tests.sim_support import parse_mp3_frames, wav_file
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
 AUDIO_URL = re.compile(r"^/api/v1/audio/([0-9a-f]{32})$")
-CONTEXT = re.compile(r"\(context: (\d+) messages, (\d+) memories\)")
 
 # The strict app's limits: small, so that refusals are cheap to provoke.
 STRICT_MAX_AUDIO_SECONDS = 2.0
 STRICT_MAX_AUDIO_BYTES = 100_000
 STRICT_MAX_TEXT_CHARS = 50
 STRICT_TURN_TIMEOUT_S = 1.0
-
-
-def context_of(reply: str) -> tuple[int, int]:
-    """(messages, memories) the simulated model says it was given."""
-    found = CONTEXT.search(reply)
-    assert found is not None, reply
-    return int(found.group(1)), int(found.group(2))
 
 
 def texts(messages: list[MessageBody]) -> list[tuple[str, str]]:
@@ -253,7 +245,7 @@ def test_a_voice_turn_then_a_text_turn(api: ApiClient, sims: Simulators, tmp_pat
     # transcript, derived from the bytes' hash, that the bytes arrived unchanged.
     assert sims.statuses("transcribe") == {"200": 1}
     assert turn["transcript"].startswith(f"Sim transcript {hashlib.sha256(audio).hexdigest()[:8]}: ")
-    assert turn["reply"] == f'I hear you: "{turn["transcript"]}". (context: 0 messages, 0 memories)'
+    assert sims.context(turn["transcript"]) == (0, 0)
     assert turn["degraded"] == []
     assert turn["timings_ms"]["total"] > 0
 
@@ -268,7 +260,7 @@ def test_a_voice_turn_then_a_text_turn(api: ApiClient, sims: Simulators, tmp_pat
 
     text = api.say(session_id, "Thank you for listening.")
     assert text["transcript"] == "Thank you for listening."
-    assert context_of(text["reply"]) == (2, 0)
+    assert sims.context(text["transcript"]) == (2, 0)
     assert text["audio_url"] is not None
     assert text["audio_url"] != audio_url
 
@@ -395,7 +387,8 @@ def test_speech_down_gives_a_text_reply(api: ApiClient, sims: Simulators) -> Non
     turn = response.json()
     assert turn["audio_url"] is None
     assert turn["degraded"] == ["speech"]
-    assert turn["reply"] == 'I hear you: "Are you there?". (context: 0 messages, 0 memories)'
+    assert turn["reply"] == "Yes, I'm here and listening."
+    assert sims.context("Are you there?") == (0, 0)
     assert sims.statuses("speech") == {"503": 1}
     messages = api.session(session_id)["messages"]
     assert texts(messages) == [("user", "Are you there?"), ("assistant", turn["reply"])]
@@ -416,7 +409,7 @@ def test_transcription_down_refuses_voice_but_not_text(api: ApiClient, sims: Sim
 
     text = api.say(session_id, "Typing instead.")
     assert text["degraded"] == []
-    assert context_of(text["reply"]) == (2, 0)
+    assert sims.context(text["transcript"]) == (2, 0)
     assert sims.statuses("transcribe") == {"503": 1}
 
 
@@ -443,7 +436,7 @@ def test_the_language_model_down_keeps_the_users_words(api: ApiClient, sims: Sim
     sims.clear_faults()
     later = api.say(session_id, "Are you back?")
     # The kept words are part of the conversation the model sees.
-    assert context_of(later["reply"]) == (3, 0)
+    assert sims.context(later["transcript"]) == (3, 0)
 
 
 def assert_no_address(body: str, *ports: int) -> None:
@@ -463,10 +456,10 @@ def test_memory_store_down_degrades_the_turn(sims: Simulators, tmp_path: Path) -
                 turn = client.say(session_id, "My dog is called Max")
                 assert "memory" in turn["degraded"], turn
                 assert turn["audio_url"] is not None
-                assert context_of(turn["reply"]) == (0, 0)
+                assert sims.context(turn["transcript"]) == (0, 0)
                 again = client.say(session_id, "Do you remember my dog?")
                 assert "memory" in again["degraded"]
-                assert context_of(again["reply"]) == (2, 0)
+                assert sims.context(again["transcript"]) == (2, 0)
 
                 ready = client.get(f"{API}/ready")
                 assert ready.status_code == 200, ready.text  # the memory store does not fail readiness
@@ -496,7 +489,7 @@ def test_a_turn_past_the_time_limit_leaves_the_session_as_it_was(strict_api: Api
     assert strict_api.session(session_id) == before
 
     after = strict_api.say(session_id, "Trying again.")
-    assert context_of(after["reply"]) == (2, 0)
+    assert sims.context(after["transcript"]) == (2, 0)
 
 
 # -- 5. continuity across a restart --------------------------------------------------------------------------
@@ -512,7 +505,7 @@ def test_a_session_survives_a_restart_of_the_app_process(sims: Simulators, tmp_p
                 session_id = client.create_session()
                 client.say(session_id, "My name is Ada.")
                 second_turn = client.say(session_id, "I live by the sea.")
-                assert context_of(second_turn["reply"]) == (2, 1)
+                assert sims.context(second_turn["transcript"]) == (2, 1)
                 before = client.session(session_id)
                 assert len(before["messages"]) == 4
                 assert first.stop() == 0, first.output()
@@ -521,7 +514,7 @@ def test_a_session_survives_a_restart_of_the_app_process(sims: Simulators, tmp_p
                 with app_process(tmp_path / "second", env) as second:
                     assert client.session(session_id) == before
                     third = client.say(session_id, "Do you remember where I live?")
-                    assert context_of(third["reply"]) == (4, 2)
+                    assert sims.context(third["transcript"]) == (4, 2)
                     assert texts(client.session(session_id)["messages"])[:4] == texts(before["messages"])
                     assert second.stop() == 0, second.output()
         finally:
@@ -549,7 +542,7 @@ def test_two_app_processes_share_sessions_through_postgresql(sims: Simulators, t
                 session_id = on_a.create_session()
                 try:
                     first = on_a.say(session_id, "Hello from the first replica.")
-                    assert context_of(first["reply"]) == (0, 0)
+                    assert sims.context(first["transcript"]) == (0, 0)
 
                     seen_on_b = on_b.session(session_id)
                     assert texts(seen_on_b["messages"]) == [
@@ -557,7 +550,7 @@ def test_two_app_processes_share_sessions_through_postgresql(sims: Simulators, t
                         ("assistant", first["reply"]),
                     ]
                     second = on_b.say(session_id, "And hello from the second.")
-                    assert context_of(second["reply"]) == (2, 0)
+                    assert sims.context(second["transcript"]) == (2, 0)
 
                     whole = on_a.session(session_id)
                     assert texts(whole["messages"]) == [
@@ -635,18 +628,18 @@ def test_replicas_starting_together_on_a_fresh_database_all_come_up(sims: Simula
 # -- 7. memories stay with their session ---------------------------------------------------------------------
 
 
-def test_memories_are_never_shared_across_sessions(api: ApiClient, main_app: AppThread) -> None:
+def test_memories_are_never_shared_across_sessions(api: ApiClient, main_app: AppThread, sims: Simulators) -> None:
     mine, theirs = api.create_session(), api.create_session()
     told = api.say(mine, "My dog is called Max")
-    assert context_of(told["reply"]) == (0, 0)
+    assert sims.context(told["transcript"]) == (0, 0)
     assert main_app.memory_count(mine) == 1
     recalled = api.say(mine, "What is my dog called?")
-    assert context_of(recalled["reply"])[1] >= 1
+    assert sims.context(recalled["transcript"])[1] >= 1
 
     # Not a fact about the speaker, but the same subject and words: nothing of `mine` surfaces.
     for text in ("Dogs called Max are the best dogs.", "Is Max a good name for a dog?"):
         turn = api.say(theirs, text)
-        assert context_of(turn["reply"])[1] == 0, turn
+        assert sims.context(turn["transcript"])[1] == 0, turn
     assert main_app.memory_count(theirs) == 0
     assert main_app.memory_count(mine) == 1
 

@@ -5,13 +5,13 @@ off opens no Qdrant client - neither the embedded store (no files) nor a server 
 listening socket, which would see any connection) - and skips recall and remember without
 calling it a degradation; speech off synthesises nothing; summaries off never summarise
 and keep the model's context to the latest messages; documentation off answers 404 for
-the document and its viewer. The simulator's reply says what the model was given
-(`(context: N messages, M memories)`), and its call counts show what reached the providers.
+the document and its viewer. The simulator records what the model was given
+(`GET /_sim/chats`: N messages, M memories), and its call counts show what reached the
+providers.
 """
 
 from __future__ import annotations
 
-import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,17 +34,9 @@ from tests.app_support import (
 )
 from tests.servers import free_socket
 
-CONTEXT = re.compile(r"\(context: (\d+) messages, (\d+) memories\)")
 DOCUMENTATION = (f"{API}/openapi.json", f"{API}/docs")
 # Where FastAPI would put them by default, and the viewer the app never serves.
 NEVER_SERVED = (f"{API}/redoc", "/openapi.json", "/docs", "/redoc")
-
-
-def context_of(reply: str) -> tuple[int, int]:
-    """(messages, memories) the simulated model says it was given."""
-    found = CONTEXT.search(reply)
-    assert found is not None, reply
-    return int(found.group(1)), int(found.group(2))
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +117,7 @@ def test_memory_off_opens_no_store_and_is_no_degradation(
             assert turn["degraded"] == [], turn
             assert not {"recall", "remember"} & set(turn["timings_ms"]), turn["timings_ms"]
             assert turn["audio_url"] is not None
-        assert context_of(asked["reply"]) == (2, 0)
+        assert sims.context(asked["transcript"]) == (2, 0)
         assert sims.calls()["chat"] == 2, "only the replies: no memory decision was asked for"
 
         ready = api.get(f"{API}/ready")
@@ -151,7 +143,7 @@ def test_speech_off_synthesises_nothing_and_is_no_degradation(sims: Simulators, 
         assert turn["audio_url"] is None
         assert turn["degraded"] == []
         assert "speak" not in turn["timings_ms"]
-        assert turn["reply"].startswith('I hear you: "Good morning!"')
+        assert turn["reply"] == "Hello, I'm Rose. How are you today?"
         messages = api.session(session_id)["messages"]
         assert [message["audio_url"] for message in messages] == [None, None]
         assert api.get(f"{API}/ready").json()["features"]["speech"] is False
@@ -167,7 +159,7 @@ def test_summaries_off_never_summarise_and_bound_the_context(sims: Simulators, t
     )
     with running_app(settings) as app, ApiClient(app.url) as api:
         session_id = api.create_session()
-        contexts = [context_of(api.say(session_id, f"Message number {turn}.")["reply"])[0] for turn in range(6)]
+        contexts = [sims.context(api.say(session_id, f"Message number {turn}.")["transcript"])[0] for turn in range(6)]
         # The model sees the latest 6 messages at most: the 5 before the newest, and it.
         assert contexts == [0, 2, 4, 5, 5, 5]
         conversation = app.run(app.companion.session(session_id))

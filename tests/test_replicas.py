@@ -5,15 +5,14 @@ test database) and nothing else: each has its own data directory, as replicas on
 hosts have, and long-term memory is off (the embedded store is one process's). The
 simulated model is slowed (`PUT /_sim/latency`) so that a turn sent to one replica is
 still under way when the next turn of the same session reaches the other. What shows
-the order from the outside: the simulator's reply says how many messages the model was
-given - `(context: N messages, ...)` - and its access log when each model call came and
-went, with the request id of the turn it served.
+the order from the outside: the simulator records how many messages the model was given
+for each reply (`GET /_sim/chats`), and its access log when each model call came and went,
+with the request id of the turn it served.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -49,14 +48,7 @@ from tests.servers import wait_until
 from tests.telemetry_support import LineCapture
 
 CHAT_LATENCY_MS = 1500
-CONTEXT = re.compile(r"\(context: (\d+) messages, (\d+) memories\)")
 CHAT_PATH = "/openai/v1/chat/completions"
-
-
-def context_of(reply: str) -> tuple[int, int]:
-    found = CONTEXT.search(reply)
-    assert found is not None, reply
-    return int(found.group(1)), int(found.group(2))
 
 
 def texts(messages: list[MessageBody]) -> list[tuple[str, str]]:
@@ -200,6 +192,7 @@ class OverlappingTurns:
     on_a: SessionBody  # the conversation afterwards, as each replica reads it
     on_b: SessionBody
     calls: list[ModelCall]
+    contexts: tuple[tuple[int, int], tuple[int, int]]  # what the model was given for each reply
 
     def calls_of(self, turn: str) -> list[ModelCall]:
         found = [call for call in self.calls if call.request_id == f"{turn}-{self.session_id[:8]}"]
@@ -227,6 +220,7 @@ def overlapping_turns(sims: Simulators, replicas: tuple[ServiceProcess, ServiceP
                 on_a.session(session_id),
                 on_b.session(session_id),
                 calls,
+                (sims.context("Hello from the first replica."), sims.context("And hello from the second.")),
             )
         set_chat_latency(sims, 0)
         yield turns
@@ -237,8 +231,7 @@ def test_two_concurrent_turns_on_two_replicas_both_count(overlapping_turns: Over
     """No lost update: the second turn was given the first's messages, and the conversation
     keeps both turns in order, the same on both replicas."""
     turns = overlapping_turns
-    assert context_of(turns.first["reply"]) == (0, 0)
-    assert context_of(turns.second["reply"]) == (2, 0)
+    assert turns.contexts == ((0, 0), (2, 0))
     assert texts(turns.on_a["messages"]) == [
         ("user", "Hello from the first replica."),
         ("assistant", turns.first["reply"]),
@@ -393,7 +386,7 @@ def test_a_replica_killed_mid_turn_leaves_the_session_free(
         doomed.kill()
     set_chat_latency(sims, 0)
     after = on_b.say(session_id, "Still here?")
-    assert context_of(after["reply"]) == (0, 0)
+    assert sims.context(after["transcript"]) == (0, 0)
     assert texts(on_b.session(session_id)["messages"]) == [("user", "Still here?"), ("assistant", after["reply"])]
     assert on_b.delete_session(session_id).status_code == 204
 

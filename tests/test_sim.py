@@ -92,6 +92,11 @@ def calls(http: httpx.Client) -> dict[str, Any]:
     return result
 
 
+def chats(http: httpx.Client) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = http.get("/_sim/chats").json()["chats"]
+    return result
+
+
 # -- Groq: authentication ---------------------------------------------------------------------------
 
 
@@ -197,7 +202,7 @@ CONVERSATION = chat_body(
 )
 
 
-def test_chat_reply_quotes_the_user_and_counts_context(http: httpx.Client) -> None:
+def test_chat_reply_answers_the_user_and_the_simulator_keeps_its_context(http: httpx.Client) -> None:
     response = chat(http, CONVERSATION)
     completion = response.json()
     assert completion["object"] == "chat.completion"
@@ -207,8 +212,9 @@ def test_chat_reply_quotes_the_user_and_counts_context(http: httpx.Client) -> No
     choice = completion["choices"][0]
     assert choice["message"] == {
         "role": "assistant",
-        "content": 'I hear you: "Tell me something nice". (context: 4 messages, 2 memories)',
+        "content": "I see. Tell me more about that.",
     }
+    assert chats(http) == [{"kind": "reply", "said": "Tell me something nice", "messages": 4, "memories": 2}]
     assert choice["finish_reason"] == "stop"
     prompt_chars = sum(len(m["content"]) for m in CONVERSATION["messages"])
     usage = completion["usage"]
@@ -227,7 +233,8 @@ def test_same_request_same_reply(http: httpx.Client) -> None:
 def test_memory_lines_count_only_under_a_memories_heading(http: httpx.Client) -> None:
     system = "Rules:\n- be kind\n- be brief\n\nMemories:\n- Likes jazz.\n- Lives in Oslo.\n- Has a cat.\nEnd."
     content = content_of(chat(http, chat_body(("system", system), ("user", "hey"))))
-    assert content == 'I hear you: "hey". (context: 0 messages, 3 memories)'
+    assert content == "Hello again! How are you today?"  # memories: they have met
+    assert chats(http)[-1]["memories"] == 3
 
 
 def test_summary_prompt_gets_a_summary(http: httpx.Client) -> None:
@@ -247,8 +254,85 @@ def test_max_tokens_cuts_a_text_reply(http: httpx.Client) -> None:
     completion = chat(http, chat_body(("user", "Tell me a long story please"), max_tokens=3)).json()
     choice = completion["choices"][0]
     assert choice["finish_reason"] == "length"
-    assert choice["message"]["content"] == "I hear you: "  # 3 tokens of 4 characters
+    assert choice["message"]["content"] == "I see. Tell "  # 3 tokens of 4 characters
     assert completion["usage"]["completion_tokens"] == 3
+
+
+PERSONA = "You are Rose, a warm companion."
+REMEMBERED = "Memories:\n- The user's sister lives in Paris.\n- The user loves hiking in the mountains."
+
+
+@pytest.mark.parametrize(
+    ("system", "said", "reply"),
+    [
+        (PERSONA, "Hello!", "Hello, I'm Rose. How are you today?"),
+        (f"{PERSONA}\n\n{REMEMBERED}", "Hi there", "Hello again! How are you today?"),
+        (
+            PERSONA,
+            "Hello there. I love hiking, and my sister lives in Paris.",
+            "Hello, I'm Rose. You love hiking, and your sister lives in Paris. "
+            "Thank you for telling me, I'll keep that in mind.",
+        ),
+        (
+            f"{PERSONA}\n\n{REMEMBERED}",
+            "What do you remember about me?",
+            "I remember that your sister lives in Paris and you love hiking in the mountains.",
+        ),
+        (
+            f"{PERSONA}\n\n{REMEMBERED}",
+            "Do you remember where my sister lives?",
+            "I remember that your sister lives in Paris.",
+        ),
+        (
+            PERSONA,
+            "What do you remember about me?",
+            "I don't remember anything about you yet. Tell me about yourself and I'll keep it in mind.",
+        ),
+        (
+            PERSONA,
+            "I am tired and I was up late.",
+            "You are tired and you were up late. Thank you for telling me, I'll keep that in mind.",
+        ),
+        (PERSONA, "Are you there?", "Yes, I'm here and listening."),
+        (
+            PERSONA,
+            "What is the capital of Peru?",
+            "That's a good question. I'm the companion's offline simulation, so I can't really answer it, "
+            "but I'm glad to keep talking.",
+        ),
+        (PERSONA, "It rained all day.", "I see. Tell me more about that."),
+    ],
+    ids=[
+        "greeting",
+        "greeting-again",
+        "statement",
+        "recall-all",
+        "recall-asked",
+        "recall-nothing",
+        "i-am",
+        "are-you-there",
+        "question",
+        "other",
+    ],
+)
+def test_chat_reply_makes_sense_of_what_the_prompt_gives(
+    http: httpx.Client, system: str, said: str, reply: str
+) -> None:
+    assert content_of(chat(http, chat_body(("system", system), ("user", said)))) == reply
+
+
+def test_every_answered_chat_call_is_listed_with_its_kind_until_a_reset(http: httpx.Client) -> None:
+    chat(http, chat_body(("system", "Summarise this conversation."), ("user", "We talked.")))
+    memory = chat_body(("system", "Extract a fact worth keeping in memory."), ("user", "I like tea"))
+    chat(http, {**memory, "response_format": {"type": "json_object"}})
+    chat(http, chat_body(("system", REMEMBERED), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")))
+    assert chats(http) == [
+        {"kind": "summary", "said": "We talked.", "messages": 0, "memories": 0},
+        {"kind": "json", "said": "I like tea", "messages": 0, "memories": 0},
+        {"kind": "reply", "said": "Bye", "messages": 2, "memories": 2},
+    ]
+    assert http.post("/_sim/reset").status_code == 200
+    assert chats(http) == []
 
 
 MEMORY_PROMPT = "Decide whether the message holds a fact worth keeping in long-term memory. Answer in JSON."
@@ -258,6 +342,7 @@ MEMORY_PROMPT = "Decide whether the message holds a fact worth keeping in long-t
     ("message", "fact"),
     [
         ("I love hiking with my dog", "The user loves hiking with their dog."),
+        ("Hello! I love hiking. Is it sunny?", "The user loves hiking."),
         ("My sister lives in Lisbon", "The user's sister lives in Lisbon."),
         ("I'm a nurse and I work nights", "The user is a nurse and the user works nights."),
         ("I have two kids.", "The user has two kids."),
@@ -785,6 +870,7 @@ def test_several_faults_in_one_post_and_call_counts_reset(http: httpx.Client) ->
     assert calls(http)["chat"]["received"] == 2
     http.delete("/_sim/calls")
     assert calls(http)["chat"] == {"received": 0, "faulted": 0, "statuses": {}}
+    assert chats(http) == []  # the faulted calls were never answered, so never listed
 
 
 def test_health_and_unknown_paths(http: httpx.Client) -> None:
