@@ -37,10 +37,11 @@ services:
 	@scripts/ensure_services.sh
 
 # The simulator's real speech (espeak-ng) and MP3 encoder (lame), which the tests exercise
-# (without them the simulator answers with tones and silent MP3 frames), and Debian's
-# Chromium for the voice page's browser tests (Playwright drives it; never `playwright install`).
+# (without them the simulator answers with tones and silent MP3 frames), Debian's
+# Chromium for the voice page's browser tests (Playwright drives it; never `playwright install`),
+# and promtool and amtool, which check and unit-test the alerting rules and Alertmanager's config.
 test-tools:
-	@scripts/install_debian_packages.sh espeak-ng:espeak-ng lame:lame chromium:chromium
+	@scripts/install_debian_packages.sh espeak-ng:espeak-ng lame:lame chromium:chromium promtool:prometheus amtool:prometheus-alertmanager
 
 # Re-pins every deployable's transitive dependencies after a change to pyproject.toml.
 lock: install
