@@ -19,6 +19,7 @@ from app.observability import RedactCapabilities
 from app.outbound import OutboundSettings
 from app.settings import AppSettings, load_settings
 from app.storage.data_dir import become, restrict_umask
+from common.error_tracking import report_logged_errors
 from common.listen import ALL_ADDRESSES_V6, dual_stack_socket
 from common.logs import log_config
 from common.settings import ConfigurationError, load
@@ -60,7 +61,9 @@ def main() -> int:
         proxy_headers=False,  # the edge resolves clients; the app does not need them
         server_header=False,
         access_log=False,
-        log_config=log_config(settings.log_level.value, {"redact_capabilities": RedactCapabilities}),
+        log_config=report_logged_errors(
+            log_config(settings.log_level.value, {"redact_capabilities": RedactCapabilities}), settings
+        ),
         # Longer than a turn may take, so a turn under way when SIGTERM comes finishes
         # and its memory write is not lost.
         timeout_graceful_shutdown=settings.drain_timeout,

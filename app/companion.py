@@ -32,6 +32,7 @@ from langchain_core.runnables import RunnableConfig
 
 from app.audio import AudioFormat
 from app.memory.store import MemoryUnavailable
+from app.metrics import AppMetrics
 from app.settings import AppSettings
 from app.storage.audio import StoredAudio
 from app.storage.conversations import Checkpoints
@@ -70,6 +71,16 @@ class SessionBusy(Exception):
     """The session's turn under way did not let go within APP_TURN_TIMEOUT_S."""
 
 
+# How a turn that was refused is counted (`app_turns_total`'s `outcome`).
+TURN_OUTCOMES: dict[type[Exception], str] = {
+    SessionNotFound: "not_found",
+    TranscriptionUnavailable: "transcription_unavailable",
+    NoSpeech: "no_speech",
+    ReplyUnavailable: "reply_unavailable",
+    TurnTimedOut: "turn_timeout",
+}
+
+
 @dataclass(frozen=True)
 class TurnResult:
     turn_id: str
@@ -94,8 +105,10 @@ class Companion:
         checkpoints: Checkpoints,
         services: Services,
         breaker_states: Callable[[], dict[str, str]],
+        metrics: AppMetrics,
     ) -> None:
         self.graph = graph
+        self.metrics = metrics
         self.checkpoints = checkpoints
         self.services = services
         self.settings: AppSettings = services.settings
@@ -116,6 +129,7 @@ class Companion:
             "summarised": 0,
         }
         await self.graph.aupdate_state(_config(session_id), initial, as_node="__start__")
+        self.metrics.sessions_started.inc()
         return session_id, created_at
 
     async def session(self, session_id: str) -> Conversation:
@@ -141,6 +155,7 @@ class Companion:
                 [message["audio_id"] for message in conversation["messages"] if "audio_id" in message]
             )
             await self.checkpoints.delete(session_id)
+        self.metrics.sessions_deleted.inc()
 
     # -- turns -------------------------------------------------------------------------------
 
@@ -152,14 +167,26 @@ class Companion:
         audio: bytes | None = None,
         audio_format: AudioFormat | None = None,
     ) -> TurnResult:
-        await self.session(session_id)
-        deadline = self._deadline()
+        kind = "text" if text is not None else "voice"
+        started = time.perf_counter()
+        outcome = "error"
         try:
-            async with self._one_at_a_time(session_id, deadline):
-                return await self._run_turn(session_id, deadline, text, audio, audio_format)
-        except SessionBusy:
-            logger.warning("turn timed out waiting for the session's turn under way")
-            raise TurnTimedOut from None
+            await self.session(session_id)
+            deadline = self._deadline()
+            try:
+                async with self._one_at_a_time(session_id, deadline):
+                    result = await self._run_turn(session_id, deadline, text, audio, audio_format)
+            except SessionBusy:
+                logger.warning("turn timed out waiting for the session's turn under way")
+                raise TurnTimedOut from None
+            outcome = "ok"
+            return result
+        except (SessionNotFound, TranscriptionUnavailable, NoSpeech, ReplyUnavailable, TurnTimedOut) as refused:
+            outcome = TURN_OUTCOMES[type(refused)]
+            raise
+        finally:
+            self.metrics.turns.labels(kind, outcome).inc()
+            self.metrics.turn_duration.labels(kind).observe(time.perf_counter() - started)
 
     async def _run_turn(
         self,
@@ -195,6 +222,7 @@ class Companion:
             raise TranscriptionUnavailable from None
         await self.checkpoints.keep_latest(session_id)
         result: Turn = final["turn"]
+        self._count(result)
         result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 1)
         if result.get("reply_unavailable"):
             raise ReplyUnavailable(result.get("retry_after", 5.0))
@@ -206,6 +234,15 @@ class Companion:
             degraded=list(result["degraded"]),
             timings_ms=result["timings_ms"],
         )
+
+    def _count(self, turn: Turn) -> None:
+        for stage, milliseconds in turn["timings_ms"].items():
+            self.metrics.stage_duration.labels(stage).observe(milliseconds / 1000)
+        for degradation in turn["degraded"]:
+            self.metrics.degradations.labels(degradation).inc()
+        self.metrics.memories_recalled.inc(len(turn.get("memories", ())))
+        if turn.get("remembered"):
+            self.metrics.memories_written.inc()
 
     async def _restore(self, session_id: str, before: RunnableConfig) -> None:
         """Puts the session back as it was before a turn that did not finish: LangGraph saves
@@ -262,6 +299,7 @@ class Companion:
                 if _timestamp(conversation.get("updated_at", "")) < cutoff:
                     await self.delete_session(session_id)
                     removed_sessions += 1
+                    self.metrics.sessions_expired.inc()
             except (SessionNotFound, MemoryUnavailable, SessionBusy):
                 continue
         return removed_sessions, removed_audio

@@ -30,8 +30,10 @@ from app.api.routes import router
 from app.companion import Companion
 from app.memory.embedding import HashingEmbedder
 from app.memory.store import MemoryStore, MemoryUnavailable
+from app.metrics import AppMetrics, BreakerStates
 from app.observability import RequestContextMiddleware
 from app.outbound import Outbound, OutboundSettings
+from app.outbound.telemetry import OutboundMetrics
 from app.page import routes as page
 from app.page.assets import build_page
 from app.providers.elevenlabs import ElevenLabs
@@ -41,31 +43,52 @@ from app.storage import data_dir
 from app.storage.stores import open_stores
 from app.workflow.graph import build_graph
 from app.workflow.state import Services
+from common.error_tracking import ReportUnhandledErrors, init_error_tracking
+from common.metrics import RequestDurationMiddleware, process_registry, route_template, serve_metrics
 from common.telemetry import configure_telemetry
 
 logger = logging.getLogger("app")
 
 SWEEP_INTERVAL_S = 3600.0
+READINESS_SAMPLE_S = 10.0
 
 
 def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> FastAPI:
+    # Logged errors reach Sentry through `python -m app`'s log configuration (app/__main__.py).
+    error_tracking = init_error_tracking(settings, "app", log_events=False)
     telemetry = configure_telemetry(settings)
+    registry = process_registry()
+    metrics = AppMetrics.build(registry)
+    outbound_metrics = OutboundMetrics.build(registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data_dir.secure(settings.data_dir)
-        outbound = Outbound(outbound_settings, tracer=telemetry.tracer, meter=telemetry.meter)
-        groq = Groq(outbound.client("groq", settings.groq_base_url, headers=_bearer(settings)))
-        elevenlabs = ElevenLabs(outbound.client("elevenlabs", settings.elevenlabs_base_url, headers=_xi_key(settings)))
+        outbound = Outbound(outbound_settings, tracer=telemetry.tracer, metrics=outbound_metrics)
+        groq = Groq(
+            outbound.client("groq", settings.groq_base_url, headers=_bearer(settings)),
+            tokens=metrics.groq_tokens,
+            audio_seconds=metrics.groq_audio_seconds,
+        )
+        elevenlabs = ElevenLabs(
+            outbound.client("elevenlabs", settings.elevenlabs_base_url, headers=_xi_key(settings)),
+            characters=metrics.elevenlabs_characters,
+        )
         # Memory off: no Qdrant client at all, embedded or server.
         memory = await _open_memory(settings, outbound) if settings.feature_memory else None
         async with open_stores(settings) as stores:
             services = Services(settings=settings, groq=groq, elevenlabs=elevenlabs, memory=memory, audio=stores.audio)
             companion = Companion(
-                build_graph(stores.checkpoints.saver), stores.checkpoints, services, outbound.named_states
+                build_graph(stores.checkpoints.saver), stores.checkpoints, services, outbound.named_states, metrics
             )
             app.state.companion = companion
+            breakers = BreakerStates(outbound.named_states)
+            registry.register(breakers)
             sweeper = asyncio.create_task(_sweep_periodically(companion))
+            sampler = asyncio.create_task(_sample_readiness(companion, metrics))
+            metrics_server = None
+            if settings.metrics_port is not None:
+                metrics_server = serve_metrics(registry, settings.host, settings.metrics_port)
             # What start-up built lives as long as the process: kept out of every garbage
             # collection from now on.
             gc.collect()
@@ -73,9 +96,13 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
             try:
                 yield
             finally:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                if metrics_server is not None:
+                    metrics_server.close()
+                registry.unregister(breakers)
+                for task in (sweeper, sampler):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 await outbound.aclose()
                 if memory is not None:
                     await memory.client.close()
@@ -119,7 +146,10 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
     routes = [*router.routes, *app.routes]
     implemented = {method for route in routes for method in getattr(route, "methods", None) or ()}
     app.add_middleware(RequestMethods, implemented=implemented)
+    if error_tracking:  # inside RequestContextMiddleware, which answers an unhandled error and ends it there
+        app.add_middleware(ReportUnhandledErrors)
     app.add_middleware(RequestContextMiddleware, tracer=telemetry.tracer)
+    app.add_middleware(RequestDurationMiddleware, duration=metrics.request_duration, route_of=route_template)
     return app
 
 
@@ -168,6 +198,16 @@ def _qdrant(settings: AppSettings, outbound: Outbound) -> AsyncQdrantClient:
         check_compatibility=False,
         **outbound.httpx_kwargs("qdrant", settings.qdrant_url),
     )
+
+
+async def _sample_readiness(companion: Companion, metrics: AppMetrics) -> None:
+    """`/ready`'s verdict every READINESS_SAMPLE_S, for `readiness_status`."""
+    while True:
+        try:
+            metrics.readiness.set((await companion.readiness()).database)
+        except Exception:  # a check that fails is not ready; the next one tries again
+            metrics.readiness.set(0)
+        await asyncio.sleep(READINESS_SAMPLE_S)
 
 
 async def _sweep_periodically(companion: Companion) -> None:

@@ -23,7 +23,6 @@ itself adds (`extra=`) are left alone; none holds an id.
 from __future__ import annotations
 
 import logging
-import re
 import traceback
 
 from opentelemetry import context, trace
@@ -35,19 +34,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common.envelope import envelope
 from common.ids import ACCEPTABLE_REQUEST_ID, uuid7
 from common.logs import request_id_var
+from common.redaction import redact
 
 logger = logging.getLogger("app.api")
 
 propagator = TraceContextTextMapPropagator()
-
-# What a capability id can hide in: any long run of the URL-safe alphabet. Shorter runs
-# are never ids; the odd long identifier in a traceback is redacted along with them.
-CAPABILITY_LIKE = re.compile(r"[A-Za-z0-9_-]{32,}")
-REDACTED = "[redacted]"
-
-
-def redact(text: str) -> str:
-    return CAPABILITY_LIKE.sub(REDACTED, text)
 
 
 class RedactCapabilities(logging.Filter):

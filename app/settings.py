@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from common.error_tracking import check_error_tracking
 from common.settings import Environment, LogLevel, OtelSettings, load, refuse_in_production
 
 # What `make run` and the compose stack give the simulator, which accepts any key: never a
@@ -35,6 +36,8 @@ class AppSettings(OtelSettings):
     environment: Environment = Field(Environment.development, validation_alias=AliasChoices("ENVIRONMENT"))
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Prometheus text at /metrics on a port of its own (docs/metrics.md).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     data_dir: Path = Path("data")
     database_url: str | None = None
     qdrant_url: str | None = None
@@ -92,6 +95,9 @@ class AppSettings(OtelSettings):
     audio_retention_hours: float = Field(24.0, gt=0)
 
     otel_service_name: str = Field("app", validation_alias=AliasChoices("OTEL_SERVICE_NAME"))
+    # Error tracking (docs/error-tracking.md): off while SENTRY_DSN is unset or empty.
+    sentry_dsn: SecretStr | None = Field(None, validation_alias=AliasChoices("SENTRY_DSN"))
+    sentry_release: str | None = Field(None, validation_alias=AliasChoices("SENTRY_RELEASE"))
 
     @field_validator("run_as_user", mode="before")
     @classmethod
@@ -130,6 +136,8 @@ class AppSettings(OtelSettings):
     @model_validator(mode="after")
     def _consistent(self) -> AppSettings:
         problems = []
+        if self.metrics_port == self.port:
+            problems.append(f"APP_METRICS_PORT={self.metrics_port} is APP_PORT: give metrics a port of their own")
         if self.keep_recent_messages >= self.summarise_after_messages:
             problems.append("APP_KEEP_RECENT_MESSAGES must be below APP_SUMMARISE_AFTER_MESSAGES")
         if self.replicas > 1 and self.database_url is None:
@@ -144,6 +152,11 @@ class AppSettings(OtelSettings):
             )
         if problems:
             raise ValueError("\n  ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _error_tracking(self) -> AppSettings:
+        check_error_tracking(self)
         return self
 
     @model_validator(mode="after")

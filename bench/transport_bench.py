@@ -34,13 +34,14 @@ from pathlib import Path
 
 import httpx
 import uvloop
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from prometheus_client import CollectorRegistry
+
 from app.outbound import BreakerOpen, HostPolicy, Outbound, OutboundSettings
+from app.outbound.telemetry import OutboundMetrics
 from bench.support import BENCH_DIR, BenchError, Service, free_port, percentile, run_benchmark
 
 OVERHEAD_TARGET = 0.10
@@ -122,7 +123,7 @@ async def run(url: str, args: argparse.Namespace) -> bool:
         recording = Outbound(
             OutboundSettings(),
             tracer=TracerProvider().get_tracer("bench"),
-            meter=MeterProvider(metric_readers=[InMemoryMetricReader()]).get_meter("bench"),
+            metrics=OutboundMetrics.build(CollectorRegistry()),
         )
         sdk_added, sdk_added_seconds = paired_overhead(*await overhead(url, recording, args.calls, args.rounds))
         print(

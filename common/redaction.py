@@ -3,8 +3,8 @@
 Session ids (32 URL-safe characters) and audio ids (32 hex digits) are capabilities:
 whoever holds one owns the conversation or the reply. Any run of 32 or more URL-safe
 characters is taken for one and replaced; shorter runs are never ids, and the odd long
-identifier that is not one is redacted along with them. The app's log redaction
-(`app.observability`) applies the same rule and can import it from here.
+identifier that is not one is redacted along with them. The app's log lines and spans
+(`app.observability`) and error reports (`common.error_tracking`) apply it.
 """
 
 from __future__ import annotations

@@ -52,16 +52,13 @@ def split_comma_list(value: Any) -> Any:
 
 
 class OtelSettings(BaseSettings):
-    """The standard OpenTelemetry variables a process honours; export only when an
-    endpoint is set."""
+    """The standard OpenTelemetry variables a process honours; spans are exported only when
+    an endpoint is set (metrics are scraped: docs/metrics.md)."""
 
     otel_service_name: str = Field("edge", validation_alias=AliasChoices("OTEL_SERVICE_NAME"))
     otel_exporter_otlp_endpoint: str | None = Field(None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT"))
     otel_exporter_otlp_traces_endpoint: str | None = Field(
         None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
-    otel_exporter_otlp_metrics_endpoint: str | None = Field(
-        None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
     )
     otel_traces_sampler: Sampler = Field(
         Sampler.parentbased_traceidratio, validation_alias=AliasChoices("OTEL_TRACES_SAMPLER")
@@ -71,21 +68,16 @@ class OtelSettings(BaseSettings):
     @field_validator(
         "otel_exporter_otlp_endpoint",
         "otel_exporter_otlp_traces_endpoint",
-        "otel_exporter_otlp_metrics_endpoint",
     )
     @classmethod
     def _otlp_endpoint(cls, value: str | None) -> str | None:
-        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+        if value and urlsplit(value).scheme not in ("http", "https"):  # empty: unset
             raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
         return value or None
 
     @property
     def traces_export_enabled(self) -> bool:
         return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint)
-
-    @property
-    def metrics_export_enabled(self) -> bool:
-        return bool(self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_metrics_endpoint)
 
 
 class ConfigurationError(Exception):

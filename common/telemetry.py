@@ -1,6 +1,7 @@
 """OpenTelemetry for a process of the project: trace context always (ids for propagation
 and logs), span recording and export only when an OTLP endpoint is configured by the
-standard `OTEL_*` variables."""
+standard `OTEL_*` variables. Metrics are not OpenTelemetry's here: each process serves
+Prometheus text (common/metrics.py, docs/metrics.md)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -35,16 +33,12 @@ from common.settings import Sampler as SamplerName
 @dataclass(frozen=True)
 class Telemetry:
     tracer: trace.Tracer
-    meter: metrics.Meter
     tracer_provider: TracerProvider | None
-    meter_provider: MeterProvider | None
 
     def shutdown(self) -> None:
         """Flushes what is buffered; called when the edge stops."""
         if self.tracer_provider is not None:
             self.tracer_provider.shutdown()
-        if self.meter_provider is not None:
-            self.meter_provider.shutdown()
 
 
 class PropagationOnlyTracer(trace.Tracer):
@@ -126,11 +120,4 @@ def configure_telemetry(settings: OtelSettings) -> Telemetry:
         # The exporter reads the endpoint, headers and timeout from the OTEL_* variables.
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
         tracer = tracer_provider.get_tracer(settings.otel_service_name)
-    meter_provider = None
-    meter = metrics.NoOpMeterProvider().get_meter(settings.otel_service_name)
-    if settings.metrics_export_enabled:
-        meter_provider = MeterProvider(
-            metric_readers=[PeriodicExportingMetricReader(OTLPMetricExporter())], resource=resource
-        )
-        meter = meter_provider.get_meter(settings.otel_service_name)
-    return Telemetry(tracer, meter, tracer_provider, meter_provider)
+    return Telemetry(tracer, tracer_provider)

@@ -8,10 +8,13 @@ the edge's throughput on small requests (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -20,6 +23,8 @@ from starlette.responses import Response
 from starlette.routing import Mount, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common.error_tracking import init_error_tracking
+from common.metrics import RequestDurationMiddleware
 from common.settings import Environment
 from common.telemetry import configure_telemetry
 from edge import errors
@@ -29,6 +34,7 @@ from edge.concerns.client_concurrency import ClientConcurrencyMiddleware
 from edge.concerns.cors import CorsMiddleware
 from edge.concerns.rate_limit import LimitStore, RateLimitMiddleware, build_route_policies
 from edge.concerns.request_id import RequestIdMiddleware
+from edge.concerns.request_metrics import EdgeErrorsMiddleware, RouteLabels
 from edge.concerns.security_headers import (
     API_CONTENT_SECURITY_POLICY,
     NO_REFERRER,
@@ -39,13 +45,15 @@ from edge.concerns.security_headers import (
 )
 from edge.concerns.size_limits import SizeLimitMiddleware
 from edge.concerns.tracing import TracingMiddleware
-from edge.health import health_routes
+from edge.health import ReadinessCheck, health_routes, is_ready
+from edge.metrics import EdgeMetrics
 from edge.policy import PathRedactor, Policy, RouteTable, load_policy
 from edge.proxy import Proxy, Resolve, resolve_host
 from edge.proxy.ingress import IngressMiddleware
 from edge.scope import EDGE_PATH, is_edge_path
 from edge.settings import EdgeSettings, load_settings
 
+SAMPLE_SECONDS = 10.0
 # What `OPTIONS *` (a question about the server, not a resource) is told the edge forwards.
 SERVER_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
@@ -68,8 +76,17 @@ class EdgeApp:
             await self.proxy(scope, receive, send)
 
 
-def build_app(settings: EdgeSettings, policy: Policy, *, resolve: Resolve = resolve_host) -> ASGIApp:
-    """The edge; `resolve` turns the upstream's name into its addresses (the system resolver)."""
+def build_app(
+    settings: EdgeSettings,
+    policy: Policy,
+    *,
+    resolve: Resolve = resolve_host,
+    registry: CollectorRegistry | None = None,
+) -> ASGIApp:
+    """The edge; `resolve` turns the upstream's name into its addresses (the system
+    resolver). With a `registry` (whoever runs the edge serves it: edge/server/serve.py)
+    every request is timed and its series go there; without, no request pays for metrics
+    nobody scrapes."""
     proxy = Proxy(
         settings.upstream_url,
         pool_size=settings.upstream_pool_size,
@@ -83,15 +100,24 @@ def build_app(settings: EdgeSettings, policy: Policy, *, resolve: Resolve = reso
         request_buffer_bytes=settings.request_buffer_bytes,
         ws_max_message_bytes=settings.ws_max_message_bytes,
     )
+    init_error_tracking(settings, "edge")  # each worker process builds its own app, and initialises its own
     telemetry = configure_telemetry(settings)
+    metrics = EdgeMetrics.build(registry or CollectorRegistry())
+    request_metrics = [
+        Middleware(RequestDurationMiddleware, duration=metrics.request_duration, route_of=RouteLabels(policy)),
+        Middleware(EdgeErrorsMiddleware, errors=metrics.errors),
+    ]
     limit_store = LimitStore(
         settings.rate_limit_storage_url,
         settings.rate_limit_strategy,
         key_prefix=settings.rate_limit_key_prefix,
         timeout=settings.rate_limit_store_timeout,
         on_error=settings.rate_limit_on_store_error,
-        meter=telemetry.meter,
+        errors=metrics.rate_limit_store_errors,
+        degraded=metrics.rate_limit_store_degraded,
+        degraded_seconds=metrics.rate_limit_store_degraded_seconds,
     )
+    checks = {"upstream": proxy.pool.check, "rate_limit_store": limit_store.health}
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -100,11 +126,14 @@ def build_app(settings: EdgeSettings, policy: Policy, *, resolve: Resolve = reso
         # an eighth of the edge's CPU under load).
         gc.collect()
         gc.freeze()
+        sampler = asyncio.create_task(_sample_periodically(metrics, proxy, checks))
         yield
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
         proxy.pool.close()
         telemetry.shutdown()
 
-    checks = {"upstream": proxy.pool.check, "rate_limit_store": limit_store.health}
     own_endpoints = Starlette(
         routes=[Mount(EDGE_PATH, app=Router(health_routes(checks), redirect_slashes=False))],
         lifespan=lifespan,
@@ -120,6 +149,7 @@ def build_app(settings: EdgeSettings, policy: Policy, *, resolve: Resolve = reso
     # so every response made by a lower layer (403, 413, 429, 431, 502...) gets the
     # headers of the layers above it: request id, security headers, CORS.
     chain = [
+        *(request_metrics if registry is not None else []),
         Middleware(IngressMiddleware, trusted_proxies=settings.trusted_proxies),
         Middleware(RequestIdMiddleware),
         Middleware(TracingMiddleware, tracer=telemetry.tracer, redact=redact_path),
@@ -155,7 +185,7 @@ def build_app(settings: EdgeSettings, policy: Policy, *, resolve: Resolve = reso
             routes=build_route_policies(policy, settings.rate_limit_default, settings.rate_limit_key),
             dry_run=settings.rate_limit_dry_run,
             legacy_headers=settings.rate_limit_legacy_headers,
-            meter=telemetry.meter,
+            decisions=metrics.rate_limit_decisions,
         ),
         Middleware(
             CachePolicyMiddleware,
@@ -171,10 +201,25 @@ def build_app(settings: EdgeSettings, policy: Policy, *, resolve: Resolve = reso
     return app
 
 
+async def _sample_periodically(metrics: EdgeMetrics, proxy: Proxy, checks: Mapping[str, ReadinessCheck]) -> None:
+    """The pool's connections and the readiness check, every `SAMPLE_SECONDS`: gauges
+    a scrape reads (one worker's view each, added up by the supervisor)."""
+    while True:
+        metrics.upstream_connections.labels("in_use").set(proxy.pool.in_use)
+        metrics.upstream_connections.labels("idle").set(proxy.pool.idle)
+        try:
+            metrics.readiness.set(await is_ready(checks))
+        except Exception:  # a check that fails is not ready; the next one tries again
+            metrics.readiness.set(0)
+        await asyncio.sleep(SAMPLE_SECONDS)
+
+
 def create_app() -> ASGIApp:
     """Factory for uvicorn's worker processes: each reads the same environment."""
     settings = load_settings()
-    return build_app(settings, load_policy(settings.policy_file))
+    # With a metrics port the values go to the files the supervisor adds up (common/metrics.py).
+    registry = CollectorRegistry() if settings.metrics_port is not None else None
+    return build_app(settings, load_policy(settings.policy_file), registry=registry)
 
 
 async def _edge_route_error(request: Request, exc: Exception) -> Response:

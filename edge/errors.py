@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from starlette.types import Scope, Send
 
 from common.envelope import envelope
-from edge.scope import WEBSOCKET_DENIAL_EXTENSION, Headers
+from edge.scope import EDGE_ERROR_SCOPE_KEY, WEBSOCKET_DENIAL_EXTENSION, Headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +112,7 @@ def error_headers(body: bytes, extra: Sequence[tuple[bytes, bytes]] = ()) -> Hea
 async def send_error(
     scope: Scope, send: Send, error: EdgeError, extra_headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
+    scope[EDGE_ERROR_SCOPE_KEY] = error.code
     body = error_body(error, request_id_of(scope))
     await send(
         {
@@ -128,6 +129,7 @@ async def deny_websocket(
 ) -> None:
     """Refuses a WebSocket upgrade with an HTTP response in the envelope, where the server
     supports that; otherwise with a bare close before accepting (an HTTP 403)."""
+    scope[EDGE_ERROR_SCOPE_KEY] = error.code
     if WEBSOCKET_DENIAL_EXTENSION not in scope.get("extensions", {}):
         await send({"type": "websocket.close", "code": 1008})
         return

@@ -27,11 +27,11 @@ def health_routes(checks: Mapping[str, ReadinessCheck]) -> list[Route]:
         return JSONResponse({"status": "alive"}, headers=NO_STORE)
 
     async def ready(request: Request) -> JSONResponse:
-        states = dict(zip(checks, await asyncio.gather(*(check() for check in checks.values())), strict=True))
-        is_ready = "down" not in states.values()
+        states = await check_all(checks)
+        ready = "down" not in states.values()
         return JSONResponse(
-            {"status": "ready" if is_ready else "unavailable", "checks": states},
-            status_code=200 if is_ready else 503,
+            {"status": "ready" if ready else "unavailable", "checks": states},
+            status_code=200 if ready else 503,
             headers=NO_STORE,
         )
 
@@ -39,3 +39,11 @@ def health_routes(checks: Mapping[str, ReadinessCheck]) -> list[Route]:
         Route("/live", live, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
     ]
+
+
+async def check_all(checks: Mapping[str, ReadinessCheck]) -> dict[str, State]:
+    return dict(zip(checks, await asyncio.gather(*(check() for check in checks.values())), strict=True))
+
+
+async def is_ready(checks: Mapping[str, ReadinessCheck]) -> bool:
+    return "down" not in (await check_all(checks)).values()

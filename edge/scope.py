@@ -22,6 +22,9 @@ UPSTREAM_STATUS_SCOPE_KEY = "edge.upstream_status"
 # Set by the rate limiter: its decision (`allowed`, `limited`, ...), for the access log.
 RATE_LIMIT_DECISION_SCOPE_KEY = "edge.rate_limit"
 
+# Set by edge/errors.py: the code of the error the edge answered itself, for the metrics.
+EDGE_ERROR_SCOPE_KEY = "edge.error"
+
 # Set by the server under `scope["extensions"]`: how large the client's own head was, before
 # any layer added or removed fields (`{"fields": n, "bytes": n}`); the size limits count it.
 CLIENT_HEAD_EXTENSION = "edge.client_head"

@@ -12,9 +12,10 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from limits import parse_many
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from common.error_tracking import check_error_tracking
 from common.settings import Environment, LogLevel, OtelSettings, load, refuse_in_production, split_comma_list
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -42,6 +43,8 @@ class EdgeSettings(OtelSettings):
     host: str = "0.0.0.0"  # noqa: S104 - the edge is the public entry point
     port: int = Field(8080, ge=1, le=65535, validation_alias=AliasChoices("EDGE_PORT", "PORT"))
     workers: int = Field(1, ge=1, le=64)
+    # Prometheus text at /metrics on a port of its own, never the public one (docs/metrics.md).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_read_timeout: float = Field(90.0, gt=0)
     upstream_idle_timeout: float = Field(4.0, gt=0)
@@ -90,6 +93,9 @@ class EdgeSettings(OtelSettings):
     hsts_max_age: int = Field(63072000, ge=31536000)
 
     otel_service_name: str = Field("edge", validation_alias=AliasChoices("OTEL_SERVICE_NAME"))
+    # Error tracking (docs/error-tracking.md): off while SENTRY_DSN is unset or empty.
+    sentry_dsn: SecretStr | None = Field(None, validation_alias=AliasChoices("SENTRY_DSN"))
+    sentry_release: str | None = Field(None, validation_alias=AliasChoices("SENTRY_RELEASE"))
 
     api_path_prefixes: Annotated[list[str], NoDecode] = ["/api/"]
     max_body_bytes: int = Field(1024 * 1024, ge=1)
@@ -167,6 +173,19 @@ class EdgeSettings(OtelSettings):
         if scheme not in STORAGE_SCHEMES:
             raise ValueError(f"must start with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
         return value
+
+    @model_validator(mode="after")
+    def _metrics_not_on_the_public_port(self) -> EdgeSettings:
+        if self.metrics_port == self.port:
+            raise ValueError(
+                f"EDGE_METRICS_PORT={self.metrics_port} is the public port: give metrics a port of their own"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _error_tracking(self) -> EdgeSettings:
+        check_error_tracking(self)
+        return self
 
     @model_validator(mode="after")
     def _safe_cors(self) -> EdgeSettings:

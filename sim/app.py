@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from common.envelope import envelope
+from common.metrics import RequestDurationMiddleware, process_registry, request_duration, route_template, serve_metrics
 from sim.control import control_routes
 from sim.elevenlabs import ElevenLabs
 from sim.groq import Groq
@@ -65,8 +66,12 @@ def build_app(settings: SimSettings) -> Starlette:
         "mp3_encoder": "lame" if settings.uses_lame else "silent",
     }
 
+    registry = process_registry()
+    duration = request_duration(registry)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        server = serve_metrics(registry, settings.host, settings.metrics_port) if settings.metrics_port else None
         logger.info(
             "provider simulator ready",
             extra={
@@ -78,10 +83,15 @@ def build_app(settings: SimSettings) -> Starlette:
             },
         )
         yield
+        if server is not None:
+            server.close()
 
     app = Starlette(
         routes=[*groq.routes(), *elevenlabs.routes(), *control_routes(state, groq.budgets.reset, health)],
-        middleware=[Middleware(AccessLog)],
+        middleware=[
+            Middleware(RequestDurationMiddleware, duration=duration, route_of=route_template),
+            Middleware(AccessLog),
+        ],
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )

@@ -36,6 +36,8 @@ class SimSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(9100, ge=1, le=65535)
+    # Prometheus text at /metrics on a port of its own (docs/metrics.md).
+    metrics_port: int | None = Field(None, ge=1, le=65535)
     log_level: LogLevel = LogLevel.info
 
     # Added to every provider call, before it is answered; per-route latency adds to it.
@@ -59,6 +61,8 @@ class SimSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _requested_tools_exist(self) -> SimSettings:
+        if self.metrics_port == self.port:
+            raise ValueError(f"SIM_METRICS_PORT={self.metrics_port} is SIM_PORT: give metrics a port of their own")
         if self.speech_engine is SpeechEngine.espeak_ng and shutil.which(self.espeak_command) is None:
             raise ValueError(
                 f"SIM_SPEECH_ENGINE=espeak-ng but SIM_ESPEAK_COMMAND ({self.espeak_command!r}) "

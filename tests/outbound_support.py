@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
 from starlette.types import Receive, Scope, Send
 
 from app.outbound import HostPolicy, Outbound, OutboundSettings
+from app.outbound.telemetry import OutboundMetrics
 from tests.servers import ServerThread, serve
 
 HANG = 3600.0
@@ -147,33 +147,26 @@ def policy(**overrides: Any) -> HostPolicy:
 class Telemetry:
     spans: InMemorySpanExporter
     tracer_provider: TracerProvider
-    metrics: InMemoryMetricReader
-    meter_provider: MeterProvider
+    registry: CollectorRegistry
 
     def finished_spans(self) -> list[ReadableSpan]:
         return list(self.spans.get_finished_spans())
 
-    def metric(self, name: str) -> dict[frozenset[tuple[str, Any]], float]:
-        """The points of metric `name`, by their attribute sets."""
-        data = self.metrics.get_metrics_data()
-        points: dict[frozenset[tuple[str, Any]], float] = {}
-        if data is None:
-            return points
-        for resource_metrics in data.resource_metrics:
-            for scope_metrics in resource_metrics.scope_metrics:
-                for metric in scope_metrics.metrics:
-                    if metric.name == name:
-                        for point in metric.data.data_points:
-                            points[frozenset((point.attributes or {}).items())] = point.value  # type: ignore[union-attr]
-        return points
+    def metric(self, name: str) -> dict[frozenset[tuple[str, str]], float]:
+        """The samples named `name` (`app_outbound_calls_total`), by their label sets."""
+        return {
+            frozenset(sample.labels.items()): sample.value
+            for family in self.registry.collect()
+            for sample in family.samples
+            if sample.name == name
+        }
 
 
 def telemetry() -> Telemetry:
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    return Telemetry(spans, tracer_provider, reader, MeterProvider(metric_readers=[reader]))
+    return Telemetry(spans, tracer_provider, CollectorRegistry())
 
 
 def outbound(host_policy: HostPolicy, recorded: Telemetry | None = None, **named: HostPolicy) -> Outbound:
@@ -184,7 +177,7 @@ def outbound(host_policy: HostPolicy, recorded: Telemetry | None = None, **named
     return Outbound(
         settings,
         tracer=recorded.tracer_provider.get_tracer("test"),
-        meter=recorded.meter_provider.get_meter("test"),
+        metrics=OutboundMetrics.build(recorded.registry),
     )
 
 

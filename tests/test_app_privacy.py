@@ -16,7 +16,6 @@ Readiness without addresses is tested with the rest of readiness in test_app_e2e
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import json
 import logging
@@ -29,20 +28,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-    ExportMetricsServiceResponse,
-)
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from starlette.types import Receive, Scope, Send
 
-from app.observability import REDACTED, RedactCapabilities, record_exception
+from app.observability import RedactCapabilities, record_exception
 from common.logs import JsonFormatter
+from common.redaction import REDACTED
 from tests.app_support import (
     API,
     ApiClient,
@@ -83,55 +79,23 @@ def audio_id_of(url: str | None) -> str:
 # -- 1. capability ids stay out of logs, spans and metrics ---------------------------------------------------
 
 
-class TracesAndMetrics(OtlpCollector):
-    """The tests' OTLP collector, taking metrics (`POST /v1/metrics`) as well as traces."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: list[ExportMetricsServiceRequest] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/metrics":
-            await super().__call__(scope, receive, send)
-            return
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        if dict(scope["headers"]).get(b"content-encoding", b"").lower() == b"gzip":
-            body = gzip.decompress(body)
-        request = ExportMetricsServiceRequest()
-        request.ParseFromString(body)
-        self.metrics.append(request)
-        answer = ExportMetricsServiceResponse().SerializeToString()
-        headers = [(b"content-type", b"application/x-protobuf"), (b"content-length", str(len(answer)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
-
-
 @pytest.fixture
-def telemetry_sink() -> Iterator[tuple[ServerThread, TracesAndMetrics]]:
-    sink = TracesAndMetrics()
+def telemetry_sink() -> Iterator[tuple[ServerThread, OtlpCollector]]:
+    sink = OtlpCollector()
     server = serve(sink, log_config=None)
     yield server, sink
     server.stop()
 
 
 def test_no_capability_id_reaches_a_log_line_a_span_or_a_metric(
-    sims: Simulators, tmp_path: Path, telemetry_sink: tuple[ServerThread, TracesAndMetrics]
+    sims: Simulators, tmp_path: Path, telemetry_sink: tuple[ServerThread, OtlpCollector]
 ) -> None:
     """The whole stack as `make run` wires it - the edge with the shipped policy in front of
-    `python -m app`, both exporting to one collector, both logging at debug level."""
+    `python -m app`, both exporting spans to one collector and serving /metrics, both
+    logging at debug level."""
     server, sink = telemetry_sink
-    edge_port = new_port()
-    otel = {
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{server.url}/v1/traces",
-        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{server.url}/v1/metrics",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
-        "OTEL_METRIC_EXPORT_INTERVAL": "200",
-    }
+    edge_port, edge_metrics, app_metrics = new_port(), new_port(), new_port()
+    otel = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{server.url}/v1/traces", "OTEL_BSP_SCHEDULE_DELAY": "100"}
     env = app_environment(
         sims,
         tmp_path / "data",
@@ -139,6 +103,7 @@ def test_no_capability_id_reaches_a_log_line_a_span_or_a_metric(
         APP_LOG_LEVEL="debug",  # every level, every logger: aiosqlite's debug lines carry statement parameters
         # What an operator may set to have FastAPI's own telemetry export too.
         FASTAPI_OTEL_AUTO_CONFIGURE="true",
+        APP_METRICS_PORT=str(app_metrics),
         **otel,
     )
     with app_process(tmp_path / "logs", env) as app:
@@ -147,10 +112,15 @@ def test_no_capability_id_reaches_a_log_line_a_span_or_a_metric(
             "EDGE_UPSTREAM_URL": app.url,
             "EDGE_POLICY_FILE": str(SHIPPED_POLICY),
             "EDGE_LOG_LEVEL": "debug",
+            "EDGE_METRICS_PORT": str(edge_metrics),
             **otel,
         }
         with edge_process(tmp_path / "logs", edge_port, edge_env) as edge, ApiClient(edge.url) as client:
             session_id, audio_id = exercise_and_delete_a_session(client)
+            scraped = [
+                httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5, trust_env=False).text
+                for port in (edge_metrics, app_metrics)
+            ]
             assert edge.stop() == 0, edge.output()
             edge_output = edge.output()
         assert app.stop() == 0, app.output()  # flushes the spans and metrics still buffered
@@ -180,10 +150,9 @@ def test_no_capability_id_reaches_a_log_line_a_span_or_a_metric(
     assert not [span for span in app_spans if "url.path" in span.attributes]
     edge_paths = {span.attributes.get("url.path") for span in spans if span.resource.get("service.name") == "edge"}
     assert f"{API}/audio/{{redacted}}" in edge_paths, edge_paths
-    assert sink.metrics, "no metrics exported"
-    assert "outbound.calls" in str(sink.metrics)
-    for export in [*sink.exports, *sink.metrics]:
-        text = str(export)  # every span, event, attribute, metric and label of the export
+    assert "app_outbound_calls_total" in scraped[1]
+    assert "http_server_request_duration_seconds_count" in scraped[0]
+    for text in [*map(str, sink.exports), *scraped]:  # every span, event, attribute; every series and label
         assert session_id not in text, text[:2000]
         assert audio_id not in text, text[:2000]
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from opentelemetry import trace
 
+from app.metrics import BreakerStates
 from app.outbound import BreakerOpen, Outbound
 from tests.outbound_support import (
     HANG,
@@ -344,6 +345,7 @@ def test_a_rejection_is_recorded_on_the_callers_span_and_counted(upstream: Scrip
     async def scenario() -> None:
         out = outbound(policy(minimum_calls=2, window_size=2, open_seconds=30.0), recorded)
         client = out.client("upstream", upstream.url)
+        recorded.registry.register(BreakerStates(out.named_states))  # as the app does
         assert await outcomes(client, "/observed", 2) == [500, 500]
         tracer = recorded.tracer_provider.get_tracer("caller")
         with tracer.start_as_current_span("handle turn"), pytest.raises(BreakerOpen):
@@ -362,19 +364,19 @@ def test_a_rejection_is_recorded_on_the_callers_span_and_counted(upstream: Scrip
     # Rejected calls made no attempt, so they have no client span of their own.
     assert [span.kind for span in recorded.finished_spans() if span.name == "GET"] == [trace.SpanKind.CLIENT] * 2
 
-    host = {("outbound.authority", authority(upstream.url)), ("outbound.policy", "upstream")}
-    assert recorded.metric("outbound.rejections") == {
-        frozenset(host | {("outbound.rejection.reason", "breaker_open")}): 2
+    host = {("provider", "upstream")}
+    assert recorded.metric("app_outbound_rejections_total") == {frozenset(host | {("reason", "breaker_open")}): 2}
+    assert recorded.metric("app_breaker_state") == {
+        frozenset(host | {("state", "closed")}): 0,
+        frozenset(host | {("state", "half_open")}): 0,
+        frozenset(host | {("state", "open")}): 1,
     }
-    assert recorded.metric("outbound.breaker.state") == {
-        frozenset(host | {("outbound.breaker.state", "closed")}): 0,
-        frozenset(host | {("outbound.breaker.state", "half_open")}): 0,
-        frozenset(host | {("outbound.breaker.state", "open")}): 1,
+    assert recorded.metric("app_outbound_calls_total") == {
+        frozenset(host | {("outcome", "failure")}): 2,
+        frozenset(host | {("outcome", "rejected")}): 2,
     }
-    assert recorded.metric("outbound.calls") == {
-        frozenset(host | {("outbound.outcome", "failure")}): 2,
-        frozenset(host | {("outbound.outcome", "rejected")}): 2,
-    }
+    assert recorded.metric("app_breaker_transitions_total") == {frozenset(host | {("state", "open")}): 1}
+    assert recorded.metric("app_provider_responses_total") == {frozenset(host | {("status", "500")}): 2}
 
 
 def test_errors_of_our_own_making_are_not_failures(upstream: ScriptedUpstream) -> None:

@@ -72,10 +72,8 @@ def test_a_call_that_waits_too_long_for_a_slot_is_rejected(upstream: ScriptedUps
     }
     assert len(upstream.seen_at("/busy")) == 2
     assert upstream.max_in_flight == 2
-    host = {("outbound.authority", upstream.url.removeprefix("http://")), ("outbound.policy", "upstream")}
-    assert recorded.metric("outbound.rejections") == {
-        frozenset(host | {("outbound.rejection.reason", "bulkhead_full")}): 4
-    }
+    host = {("provider", "upstream")}
+    assert recorded.metric("app_outbound_rejections_total") == {frozenset(host | {("reason", "bulkhead_full")}): 4}
 
 
 def test_a_streamed_response_holds_its_slot_until_it_is_closed(upstream: ScriptedUpstream) -> None:

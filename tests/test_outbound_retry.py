@@ -93,13 +93,11 @@ def test_a_429_blocks_the_host_until_retry_after_without_counting_as_a_failure(
 
     asyncio.run(scenario())
     assert len(upstream.seen_at("/quota")) == 5
-    host = {("outbound.authority", upstream.url.removeprefix("http://")), ("outbound.policy", "upstream")}
-    assert recorded.metric("outbound.rejections") == {
-        frozenset(host | {("outbound.rejection.reason", "rate_limited")}): 1
-    }
-    assert recorded.metric("outbound.calls") == {
-        frozenset(host | {("outbound.outcome", "rate_limited")}): 5,
-        frozenset(host | {("outbound.outcome", "rejected")}): 1,
+    host = {("provider", "upstream")}
+    assert recorded.metric("app_outbound_rejections_total") == {frozenset(host | {("reason", "rate_limited")}): 1}
+    assert recorded.metric("app_outbound_calls_total") == {
+        frozenset(host | {("outcome", "rate_limited")}): 5,
+        frozenset(host | {("outcome", "rejected")}): 1,
     }
 
 
@@ -208,9 +206,9 @@ def test_an_idempotent_call_is_retried_and_each_attempt_has_its_span(upstream: S
     assert seen == [
         f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-{span.context.trace_flags:02x}" for span in spans
     ]
-    host = {("outbound.authority", upstream.url.removeprefix("http://")), ("outbound.policy", "upstream")}
-    assert recorded.metric("outbound.retries") == {frozenset(host): 2}
-    assert recorded.metric("outbound.calls") == {frozenset(host | {("outbound.outcome", "success")}): 1}
+    host = {("provider", "upstream")}
+    assert recorded.metric("app_outbound_retries_total") == {frozenset(host): 2}
+    assert recorded.metric("app_outbound_calls_total") == {frozenset(host | {("outcome", "success")}): 1}
 
 
 def test_a_failed_response_is_returned_unchanged_once_retries_are_spent(upstream: ScriptedUpstream) -> None:
@@ -343,9 +341,9 @@ def test_retries_stay_within_the_budget(upstream: ScriptedUpstream) -> None:
     # Without the budget: 150 requests. With it: 3 retries at first (the minimum), then one
     # whenever 20 % of the calls so far exceeds the retries so far - 10 for 50 calls.
     assert len(upstream.seen_at("/outage")) == 60
-    host = {("outbound.authority", upstream.url.removeprefix("http://")), ("outbound.policy", "upstream")}
-    assert recorded.metric("outbound.retries") == {frozenset(host): 10}
-    assert recorded.metric("outbound.retries.budget_exhausted") == {frozenset(host): 49}
+    host = {("provider", "upstream")}
+    assert recorded.metric("app_outbound_retries_total") == {frozenset(host): 10}
+    assert recorded.metric("app_outbound_retry_budget_exhausted_total") == {frozenset(host): 49}
 
 
 def test_the_deadline_shrinks_across_retries_and_bounds_the_call(upstream: ScriptedUpstream) -> None:

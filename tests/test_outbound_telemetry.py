@@ -101,12 +101,12 @@ def test_calls_are_counted_by_outcome(upstream: ScriptedUpstream) -> None:
         await out.aclose()
 
     asyncio.run(scenario())
-    host = {("outbound.authority", upstream.url.removeprefix("http://")), ("outbound.policy", "upstream")}
-    assert recorded.metric("outbound.calls") == {
-        frozenset(host | {("outbound.outcome", "success")}): 2,  # a 404 is the caller's affair
-        frozenset(host | {("outbound.outcome", "failure")}): 1,
-        frozenset(host | {("outbound.outcome", "deadline_exceeded")}): 1,
-        frozenset(host | {("outbound.outcome", "cancelled")}): 1,
+    host = {("provider", "upstream")}
+    assert recorded.metric("app_outbound_calls_total") == {
+        frozenset(host | {("outcome", "success")}): 2,  # a 404 is the caller's affair
+        frozenset(host | {("outcome", "failure")}): 1,
+        frozenset(host | {("outcome", "deadline_exceeded")}): 1,
+        frozenset(host | {("outcome", "cancelled")}): 1,
     }
     statuses = [span.status.status_code for span in recorded.finished_spans()]
     assert statuses == [trace.StatusCode.UNSET] + [trace.StatusCode.ERROR] * 4

@@ -131,7 +131,7 @@ TURN_REQUEST_BODY = {
     responses=error_responses(400, 404, 413, 415, 422, 503, 504),
     tags=["turns"],
 )
-async def take_turn(session_id: str, request: Request) -> models.TurnResult:
+async def take_turn(session_id: str, request: Request, response: Response) -> models.TurnResult:
     """One turn of the conversation: the person speaks (or types), the companion answers.
 
     Send either JSON `{"text": "..."}` (1 to APP_MAX_TEXT_CHARS characters after trimming)
@@ -183,6 +183,8 @@ async def take_turn(session_id: str, request: Request) -> models.TurnResult:
         ) from None
     except TurnTimedOut:
         raise ApiError(504, "turn_timeout", "The reply took too long; nothing was changed. Please try again.") from None
+    # The stages where browsers' developer tools and the edge's access log show them.
+    response.headers["server-timing"] = ", ".join(f"{stage};dur={ms:g}" for stage, ms in result.timings_ms.items())
     return models.TurnResult(
         turn_id=result.turn_id,
         transcript=result.transcript,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from time import monotonic
 
 from circuitbreaker import (  # type: ignore[import-untyped]  # the package ships no type information
@@ -52,8 +53,11 @@ class Tripped(Exception):
 
 
 class Breaker:
-    def __init__(self, name: str, authority: str, policy: HostPolicy) -> None:
+    def __init__(
+        self, name: str, authority: str, policy: HostPolicy, on_moved: Callable[[str], None] | None = None
+    ) -> None:
         self.name = name
+        self.on_moved = on_moved  # told each new state (the transitions' counter)
         self.authority = authority
         self.policy = policy
         self._circuit = CircuitBreaker(
@@ -164,6 +168,8 @@ class Breaker:
         rate, calls = self.failure_rate, len(self._outcomes)
         self._logged_state = state
         self._generation += 1
+        if self.on_moved is not None:
+            self.on_moved(state)
         self._probes_in_flight = 0
         self._probe_successes = 0
         if state != STATE_HALF_OPEN:

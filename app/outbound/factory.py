@@ -12,11 +12,12 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import httpx
-from opentelemetry import metrics, trace
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
 
 from app.outbound.host import Host
 from app.outbound.policy import OutboundSettings
-from app.outbound.telemetry import INSTRUMENTATION_NAME
+from app.outbound.telemetry import INSTRUMENTATION_NAME, OutboundMetrics
 from app.outbound.transport import PROVIDER_EXTENSION, ResilientTransport
 from common.logs import request_id_var
 
@@ -33,7 +34,7 @@ class Outbound:
         settings: OutboundSettings,
         *,
         tracer: trace.Tracer | None = None,
-        meter: metrics.Meter | None = None,
+        metrics: OutboundMetrics | None = None,
         inner: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.settings = settings
@@ -41,7 +42,7 @@ class Outbound:
             inner or httpx.AsyncHTTPTransport(trust_env=False),
             settings.default,
             tracer or trace.get_tracer(INSTRUMENTATION_NAME),
-            meter or metrics.get_meter(INSTRUMENTATION_NAME),
+            metrics or OutboundMetrics.build(CollectorRegistry()),
         )
         self._named: dict[str, Host] = {}
 

@@ -6,7 +6,8 @@ each; a request that names no provider gets the authority's nameless one."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from time import monotonic
 
 import httpx
@@ -36,10 +37,11 @@ class Host:
     bulkhead: asyncio.Semaphore
     retry_budget: RetryBudget
     blocked_until: float = 0.0  # monotonic instant a 429 asked us to wait for
-    attributes: dict[str, str] = field(default_factory=dict)  # metric attributes naming the host
 
     @classmethod
-    def create(cls, url: httpx.URL, policy_name: str, policy: HostPolicy) -> Host:
+    def create(
+        cls, url: httpx.URL, policy_name: str, policy: HostPolicy, on_moved: Callable[[str], None] | None = None
+    ) -> Host:
         address = url.host
         port = url.port or DEFAULT_PORTS.get(url.raw_scheme, 0)
         authority = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
@@ -49,10 +51,9 @@ class Host:
             port=port,
             policy_name=policy_name,
             policy=policy,
-            breaker=Breaker(policy_name, authority, policy),
+            breaker=Breaker(policy_name, authority, policy, on_moved),
             bulkhead=asyncio.Semaphore(policy.max_concurrency),
             retry_budget=RetryBudget(policy.retry_budget_ratio, policy.retry_budget_min),
-            attributes={"outbound.authority": authority, "outbound.policy": policy_name},
         )
 
     def block_for(self, seconds: float) -> None:

@@ -4,50 +4,64 @@
   `http.request.resend_count` on retries); its context goes downstream as `traceparent`.
 - A call refused before any attempt (breaker open, 429 block, bulkhead full) has no span
   of its own: it is an event on the caller's span.
-- Metrics: `outbound.calls` by outcome, `outbound.retries`,
-  `outbound.retries.budget_exhausted`, `outbound.rejections` by reason, and
-  `outbound.breaker.state` (1 for each provider's current state at its authority, 0 for
-  the others, as resilience4j reports it, so "any breaker open" is a sum).
+- Prometheus series by provider (docs/metrics.md#the-app), never by address (a Qdrant
+  server's is internal): `app_outbound_calls_total` by outcome, `app_outbound_retries_total`,
+  `app_outbound_retry_budget_exhausted_total`, `app_outbound_rejections_total` by reason,
+  `app_provider_responses_total` by status (429s: quota pressure) and
+  `app_breaker_transitions_total` by the state entered. The breakers' current states are
+  read when scraped (app/metrics.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import httpx
-from circuitbreaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN  # type: ignore[import-untyped]
-from opentelemetry import metrics, propagate, trace
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry, Counter
 
 from app.outbound.host import Host
 
 INSTRUMENTATION_NAME = "app.outbound"
 
 
+@dataclass(frozen=True)
+class OutboundMetrics:
+    calls: Counter
+    retries: Counter
+    retry_budget_exhausted: Counter
+    rejections: Counter
+    responses: Counter
+    breaker_transitions: Counter
+
+    @classmethod
+    def build(cls, registry: CollectorRegistry) -> OutboundMetrics:
+        def counter(name: str, description: str, *labels: str) -> Counter:
+            return Counter(name, description, ["provider", *labels], registry=registry)
+
+        return cls(
+            calls=counter("app_outbound_calls", "Outbound calls by final outcome", "outcome"),
+            retries=counter("app_outbound_retries", "Attempts sent again after a failed one"),
+            retry_budget_exhausted=counter(
+                "app_outbound_retry_budget_exhausted", "Retries not sent: the host's retry budget was spent"
+            ),
+            rejections=counter("app_outbound_rejections", "Calls refused before any attempt, by reason", "reason"),
+            responses=counter("app_provider_responses", "Providers' HTTP statuses", "status"),
+            breaker_transitions=counter("app_breaker_transitions", "Breaker changes, by the state entered", "state"),
+        )
+
+
 class OutboundTelemetry:
-    def __init__(self, tracer: trace.Tracer, meter: metrics.Meter, hosts: Callable[[], Iterable[Host]]) -> None:
+    def __init__(self, tracer: trace.Tracer, metrics: OutboundMetrics) -> None:
         self.tracer = tracer
-        self._hosts = hosts
-        self._calls = meter.create_counter(
-            "outbound.calls", unit="{call}", description="Outbound calls by final outcome"
-        )
-        self._retries = meter.create_counter(
-            "outbound.retries", unit="{retry}", description="Attempts sent again after a failed one"
-        )
-        self._budget_exhausted = meter.create_counter(
-            "outbound.retries.budget_exhausted",
-            unit="{retry}",
-            description="Retries not sent because the host's retry budget was spent",
-        )
-        self._rejections = meter.create_counter(
-            "outbound.rejections", unit="{call}", description="Calls refused before any attempt, by reason"
-        )
-        meter.create_observable_gauge(
-            "outbound.breaker.state",
-            callbacks=[self._observe_states],
-            description="1 for each provider's current breaker state at its authority, 0 for its other states",
-        )
+        self.metrics = metrics
+
+    def breaker_moved(self, provider: str) -> Callable[[str], None]:
+        """What a provider's breaker calls when it enters a state."""
+        transitions = self.metrics.breaker_transitions
+        return lambda state: transitions.labels(provider, state).inc()
 
     def start_attempt(self, request: httpx.Request, host: Host, resend_count: int) -> trace.Span:
         """Starts the attempt's span and writes its context into the request's headers."""
@@ -70,9 +84,11 @@ class OutboundTelemetry:
         propagate.inject(request.headers, context=trace.set_span_in_context(span))
         return span
 
-    @staticmethod
-    def end_attempt(span: trace.Span, *, status: int | None = None, error: BaseException | None = None) -> None:
+    def end_attempt(
+        self, span: trace.Span, host: Host, *, status: int | None = None, error: BaseException | None = None
+    ) -> None:
         if status is not None:
+            self.metrics.responses.labels(host.policy_name, str(status)).inc()
             span.set_attribute("http.response.status_code", status)
             if status >= 400:
                 span.set_attribute("error.type", str(status))
@@ -84,17 +100,17 @@ class OutboundTelemetry:
 
     def call_finished(self, host: Host, outcome: str) -> None:
         """outcome: success | failure | rate_limited | deadline_exceeded | rejected | cancelled | error."""
-        self._calls.add(1, {**host.attributes, "outbound.outcome": outcome})
+        self.metrics.calls.labels(host.policy_name, outcome).inc()
 
     def retried(self, host: Host) -> None:
-        self._retries.add(1, host.attributes)
+        self.metrics.retries.labels(host.policy_name).inc()
 
     def retry_budget_exhausted(self, host: Host) -> None:
-        self._budget_exhausted.add(1, host.attributes)
+        self.metrics.retry_budget_exhausted.labels(host.policy_name).inc()
 
     def rejected(self, host: Host, reason: str, retry_after: float | None = None) -> None:
         """reason: breaker_open | rate_limited | bulkhead_full."""
-        self._rejections.add(1, {**host.attributes, "outbound.rejection.reason": reason})
+        self.metrics.rejections.labels(host.policy_name, reason).inc()
         self.call_finished(host, "rejected")
         span = trace.get_current_span()
         if span.is_recording():
@@ -105,9 +121,3 @@ class OutboundTelemetry:
             if retry_after is not None:
                 event["outbound.retry_after"] = retry_after
             span.add_event("outbound.rejected", event)
-
-    def _observe_states(self, options: CallbackOptions) -> Iterable[Observation]:
-        for host in self._hosts():
-            current = host.breaker.state
-            for state in (STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN):
-                yield Observation(int(state == current), {**host.attributes, "outbound.breaker.state": state})

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator
 from time import monotonic
 
 import httpx
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 
 from app.outbound.breaker import Breaker, Permit
 from app.outbound.classify import (
@@ -48,7 +48,7 @@ from app.outbound.errors import BreakerOpen, BulkheadFull, DeadlineExceeded, Hos
 from app.outbound.host import Host, HostKey, host_key
 from app.outbound.policy import HostPolicy
 from app.outbound.retry import delay_before_retry, retry_after_seconds
-from app.outbound.telemetry import OutboundTelemetry
+from app.outbound.telemetry import OutboundMetrics, OutboundTelemetry
 
 DEADLINE_EXTENSION = "outbound.deadline"
 IDEMPOTENT_EXTENSION = "outbound.idempotent"
@@ -67,12 +67,12 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         inner: httpx.AsyncBaseTransport,
         default_policy: HostPolicy,
         tracer: trace.Tracer,
-        meter: metrics.Meter,
+        metrics: OutboundMetrics,
     ) -> None:
         self._inner = inner
         self._default_policy = default_policy
         self._hosts: dict[HostKey, Host] = {}
-        self._telemetry = OutboundTelemetry(tracer, meter, self._hosts.values)
+        self._telemetry = OutboundTelemetry(tracer, metrics)
 
     @property
     def hosts(self) -> list[Host]:
@@ -89,7 +89,7 @@ class ResilientTransport(httpx.AsyncBaseTransport):
         key = host_key(name, url)
         host = self._hosts.get(key)
         if host is None:
-            host = self._hosts[key] = Host.create(url, name, policy)
+            host = self._hosts[key] = Host.create(url, name, policy, self._telemetry.breaker_moved(name))
         return host
 
     async def aclose(self) -> None:
@@ -146,7 +146,9 @@ class ResilientTransport(httpx.AsyncBaseTransport):
             if url.scheme not in ("http", "https"):
                 # What the inner transport would raise, before a breaker exists for it.
                 raise httpx.UnsupportedProtocol(f"outbound calls use http or https, not {url.scheme!r}")
-            host = self._hosts[key] = Host.create(url, DEFAULT_POLICY_NAME, self._default_policy)
+            host = self._hosts[key] = Host.create(
+                url, DEFAULT_POLICY_NAME, self._default_policy, self._telemetry.breaker_moved(DEFAULT_POLICY_NAME)
+            )
         return host
 
     @staticmethod
@@ -206,23 +208,23 @@ class ResilientTransport(httpx.AsyncBaseTransport):
                 response = await self._inner.handle_async_request(request)
             except httpx.TransportError as raised:
                 error = raised
-                telemetry.end_attempt(span, error=error)
+                telemetry.end_attempt(span, host, error=error)
             except asyncio.CancelledError:
                 # The caller went away: that says nothing about the upstream.
                 breaker.release(permit)
-                telemetry.end_attempt(span, error=asyncio.CancelledError())
+                telemetry.end_attempt(span, host, error=asyncio.CancelledError())
                 telemetry.call_finished(host, "cancelled")
                 raise
             except BaseException as raised:
                 breaker.release(permit)
-                telemetry.end_attempt(span, error=raised)
+                telemetry.end_attempt(span, host, error=raised)
                 telemetry.call_finished(host, "error")
                 raise
 
             retry_after: float | None = None
             if response is not None:
                 status = response.status_code
-                telemetry.end_attempt(span, status=status)
+                telemetry.end_attempt(span, host, status=status)
                 if status != TOO_MANY_REQUESTS and not is_failure_status(status):
                     breaker.record_success(permit)
                     telemetry.call_finished(host, "success")

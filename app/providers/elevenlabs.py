@@ -9,6 +9,7 @@ Every call takes its deadline: the seconds it may take in all, retries included.
 from __future__ import annotations
 
 import httpx
+from prometheus_client import Counter
 
 from app.outbound import DEADLINE_EXTENSION
 from app.providers.errors import ProviderRejected
@@ -19,8 +20,9 @@ MAX_CHARACTERS = 5000
 
 
 class ElevenLabs:
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, characters: Counter) -> None:
         self.client = client
+        self.characters = characters  # by model: what ElevenLabs bills
 
     async def speak(
         self, text: str, *, voice_id: str, model: str, output_format: str, deadline: float
@@ -40,4 +42,5 @@ class ElevenLabs:
         content_type = response.headers.get("content-type", "").split(";")[0].strip()
         if not response.content or not content_type.startswith("audio/"):
             raise ProviderRejected(PROVIDER, "answer is not audio")
+        self.characters.labels(model).inc(len(text))
         return response.content, content_type

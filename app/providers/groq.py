@@ -3,7 +3,9 @@
 https://console.groq.com/docs/api-reference - `POST {base}/chat/completions` and
 `POST {base}/audio/transcriptions` (multipart `file`, `model`), bearer-token auth. The
 base URL (`GROQ_BASE_URL`) ends in `/openai/v1`. Every call takes its deadline: the
-seconds it may take in all, retries included.
+seconds it may take in all, retries included. What Groq bills is counted for the quota
+panels and alerts (docs/metrics.md): the tokens its `usage` reports, and the audio seconds
+a `verbose_json` transcription reports as its `duration`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Literal, TypedDict
 
 import httpx
+from prometheus_client import Counter
 
 from app.outbound import DEADLINE_EXTENSION
 from app.providers.errors import ProviderRejected
@@ -25,8 +28,10 @@ class ChatMessage(TypedDict):
 
 
 class Groq:
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, tokens: Counter, audio_seconds: Counter) -> None:
         self.client = client
+        self.tokens = tokens  # by model, direction
+        self.audio_seconds = audio_seconds  # by model
 
     async def chat(
         self,
@@ -50,16 +55,22 @@ class Groq:
             lambda: self.client.post("chat/completions", json=body, extensions={DEADLINE_EXTENSION: deadline}),
         )
         try:
-            content = response.json()["choices"][0]["message"]["content"]
+            answer = response.json()
+            content = answer["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise ProviderRejected(PROVIDER, "unexpected chat response shape") from None
+        usage = answer.get("usage") if isinstance(answer, dict) else None
+        if isinstance(usage, dict):
+            for direction, field in (("input", "prompt_tokens"), ("output", "completion_tokens")):
+                if isinstance(usage.get(field), int):
+                    self.tokens.labels(model, direction).inc(usage[field])
         if not isinstance(content, str):
             raise ProviderRejected(PROVIDER, "chat response without text")
         return content.strip()
 
     async def transcribe(self, model: str, audio: bytes, filename: str, content_type: str, *, deadline: float) -> str:
         files = {"file": (filename, audio, content_type)}
-        data = {"model": model, "response_format": "json"}
+        data = {"model": model, "response_format": "verbose_json"}
         response = await exchange(
             PROVIDER,
             lambda: self.client.post(
@@ -67,7 +78,11 @@ class Groq:
             ),
         )
         try:
-            text = response.json()["text"]
+            answer = response.json()
+            text = answer["text"]
         except (ValueError, KeyError, TypeError):
             raise ProviderRejected(PROVIDER, "unexpected transcription response shape") from None
+        duration = answer.get("duration")
+        if isinstance(duration, int | float) and duration > 0:
+            self.audio_seconds.labels(model).inc(duration)
         return str(text).strip()

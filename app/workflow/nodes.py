@@ -173,11 +173,10 @@ async def remember(state: Conversation, runtime: Runtime[TurnContext]) -> dict[s
             json_object=True,
         )
         fact = _fact(answer)
-        if fact:
-            await services.memory.remember(state["session_id"], fact)
+        stored = await services.memory.remember(state["session_id"], fact) if fact else False
     except (ProviderError, MemoryUnavailable):
         return {"turn": timed(turn, "remember", started, degraded=degrade(turn, "memory"))}
-    return {"turn": timed(turn, "remember", started)}
+    return {"turn": timed(turn, "remember", started, remembered=stored)}
 
 
 async def summarise(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str, Any]:

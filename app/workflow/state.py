@@ -42,6 +42,7 @@ class Turn(TypedDict):
     reply_unavailable: NotRequired[bool]
     retry_after: NotRequired[float]
     audio_id: NotRequired[str]
+    remembered: NotRequired[bool]  # a new memory was stored
     degraded: list[Degradation]
     timings_ms: dict[str, float]
 

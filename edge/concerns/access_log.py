@@ -4,7 +4,8 @@ Fields: method, path (without the query, which may carry secrets, and with what 
 rules mark `redact` shown as `{redacted}`, so capability ids stay out of logs), status (499
 when the client left before any response), bytes in and out, duration, the client address
 as resolved through trusted proxies, the upstream's status (absent when the edge answered
-itself) and the rate-limit decision; the formatter adds time, request id and trace id.
+itself), the rate-limit decision, and the upstream's `Server-Timing` when it sent one (the
+app's turn stages: docs/metrics.md#timing); the formatter adds time, request id and trace id.
 The edge's own `/_edge/` probes are logged at debug level, so health checks do not
 drown the log.
 """
@@ -22,6 +23,7 @@ from edge.scope import RATE_LIMIT_DECISION_SCOPE_KEY, UPSTREAM_STATUS_SCOPE_KEY,
 logger = logging.getLogger("edge.access")
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's convention: no response was sent
+SERVER_TIMING_LOGGED = 512  # bytes of an upstream's Server-Timing kept in the line
 
 
 class AccessLogMiddleware:
@@ -37,6 +39,7 @@ class AccessLogMiddleware:
         started = time.perf_counter()
         bytes_in = bytes_out = 0
         status = CLIENT_CLOSED_REQUEST
+        server_timing: str | None = None
 
         async def receive_counting() -> Message:
             nonlocal bytes_in
@@ -48,10 +51,13 @@ class AccessLogMiddleware:
             return message
 
         async def send_counting(message: Message) -> None:
-            nonlocal bytes_out, status
+            nonlocal bytes_out, status, server_timing
             kind = message["type"]
             if kind in ("http.response.start", "websocket.http.response.start"):
                 status = message["status"]
+                for name, value in message.get("headers", ()):
+                    if name == b"server-timing":
+                        server_timing = value[:SERVER_TIMING_LOGGED].decode("latin-1")
             elif kind in ("http.response.body", "websocket.http.response.body"):
                 bytes_out += len(message.get("body", b""))
             elif kind == "websocket.accept":
@@ -84,5 +90,6 @@ class AccessLogMiddleware:
                         "client": client[0] if client else None,
                         "upstream_status": scope.get(UPSTREAM_STATUS_SCOPE_KEY),
                         "rate_limit": scope.get(RATE_LIMIT_DECISION_SCOPE_KEY),
+                        **({"server_timing": server_timing} if server_timing is not None else {}),
                     },
                 )

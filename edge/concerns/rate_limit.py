@@ -36,7 +36,7 @@ from limits.aio.strategies import (
 )
 from limits.errors import StorageError
 from limits.storage import storage_from_string
-from opentelemetry import metrics
+from prometheus_client import Counter, Gauge
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edge import errors
@@ -145,7 +145,9 @@ class LimitStore:
         key_prefix: str,
         timeout: float,
         on_error: StoreErrorPolicy,
-        meter: metrics.Meter,
+        errors: Counter,
+        degraded: Gauge,
+        degraded_seconds: Counter,
     ) -> None:
         self.is_memory = storage_url.startswith("memory://")
         self.storage: AsyncStorage
@@ -166,25 +168,26 @@ class LimitStore:
         self.timeout = timeout
         self.on_error = on_error
         self.breaker = StoreBreaker()
-        self.errors = meter.create_counter("edge.rate_limit.store.errors", description="Failed store calls")
-        meter.create_observable_gauge(
-            "edge.rate_limit.store.degraded",
-            callbacks=[lambda options: [metrics.Observation(int(self.breaker.is_open))]],
-            description="1 while the store is left alone after failures",
-        )
+        self.errors = errors
+        self.degraded = degraded
+        self.degraded_seconds = degraded_seconds
+        self.degraded_counted_until: float | None = None  # while degraded: counted up to when
 
     async def check(self, quotas: Sequence[Quota], identifiers: Sequence[str]) -> Verdict:
         if self.is_memory:  # cannot fail: no timeout, no breaker
             return await self._hit(quotas, identifiers)
         now = time.monotonic()
+        self._count_degraded_time(now)
         if not self.breaker.allows_call(now):
             return self._degraded()
         try:
             async with asyncio.timeout(self.timeout):
                 verdict = await self._hit(quotas, identifiers)
         except (TimeoutError, StorageError) as exc:
-            self.errors.add(1, {"error": type(exc).__name__})
+            self.errors.labels(type(exc).__name__).inc()
             if self.breaker.record_failure(now):
+                self.degraded.set(1)
+                self.degraded_counted_until = now
                 logger.warning(
                     "rate-limit store failing; %s for %.0f s",
                     "admitting requests" if self.on_error == StoreErrorPolicy.open else "refusing limited requests",
@@ -193,8 +196,16 @@ class LimitStore:
                 )
             return self._degraded()
         if self.breaker.record_success():
+            self._count_degraded_time(time.monotonic())
+            self.degraded_counted_until = None
+            self.degraded.set(0)
             logger.warning("rate-limit store recovered")
         return verdict
+
+    def _count_degraded_time(self, now: float) -> None:
+        if self.degraded_counted_until is not None:
+            self.degraded_seconds.inc(max(0.0, now - self.degraded_counted_until))
+            self.degraded_counted_until = now
 
     async def _hit(self, quotas: Sequence[Quota], identifiers: Sequence[str]) -> Verdict:
         windows = []
@@ -234,14 +245,14 @@ class RateLimitMiddleware:
         *,
         dry_run: bool,
         legacy_headers: bool,
-        meter: metrics.Meter,
+        decisions: Counter,
     ) -> None:
         self.app = app
         self.store = store
         self.routes = routes
         self.dry_run = dry_run
         self.legacy_headers = legacy_headers
-        self.decisions = meter.create_counter("edge.rate_limit.decisions", description="Rate-limit decisions")
+        self.decisions = decisions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or is_edge_path(scope["path"]):
@@ -255,7 +266,7 @@ class RateLimitMiddleware:
         verdict = await self.store.check(route.quotas, _identifiers(scope, route))
         decision = f"dry_run_{verdict.decision}" if self.dry_run else verdict.decision
         scope[RATE_LIMIT_DECISION_SCOPE_KEY] = decision
-        self.decisions.add(1, {"decision": decision})
+        self.decisions.labels(route.label, decision).inc()
         if self.dry_run:
             if not verdict.allowed:
                 logger.info("dry run: request would be refused", extra={"rate_limit": verdict.decision})

@@ -1,18 +1,26 @@
 """Runs the edge on uvicorn with the edge's own HTTP protocol: one process or several
-workers, with a graceful drain."""
+workers, with a graceful drain; and, with `EDGE_METRICS_PORT`, `/metrics` on that port:
+from the one process, or from the supervisor, adding up its workers' (common/metrics.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from common.logs import log_config
+from common.metrics import MULTIPROCESS_DIRECTORY, process_registry, serve_metrics, supervisor_registry
 from edge.app import build_app
 from edge.concerns.security_headers import API_CONTENT_SECURITY_POLICY, NO_REFERRER, preset
 from edge.policy import Policy
@@ -63,14 +71,32 @@ def serve(settings: EdgeSettings, policy: Policy) -> None:
     signal.signal(signal.SIGTERM, _exit_quietly)
     signal.signal(signal.SIGINT, _exit_quietly)
     if settings.workers == 1:
-        server = uvicorn.Server(server_config(settings, build_app(settings, policy)))
-        server.run()
+        registry = process_registry() if settings.metrics_port is not None else None
+        server = uvicorn.Server(server_config(settings, build_app(settings, policy, registry=registry)))
+        with _metrics_served(settings, registry):
+            server.run()
         if not server.started:
             sys.exit(STARTUP_FAILURE)
         return
-    # Each worker builds its own application from the same environment.
-    config = server_config(settings, "edge.app:create_app", factory=True, workers=settings.workers)
-    Multiprocess(config, sockets=[config.bind_socket()]).run()
+    with tempfile.TemporaryDirectory(prefix="edge-metrics-") as directory:
+        # Read by prometheus-client when each worker imports it: their values go to files.
+        os.environ[MULTIPROCESS_DIRECTORY] = directory
+        # Each worker builds its own application from the same environment.
+        config = server_config(settings, "edge.app:create_app", factory=True, workers=settings.workers)
+        with _metrics_served(settings, supervisor_registry(Path(directory))):
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+
+
+@contextlib.contextmanager
+def _metrics_served(settings: EdgeSettings, registry: CollectorRegistry | None) -> Iterator[None]:
+    if settings.metrics_port is None or registry is None:
+        yield
+        return
+    server = serve_metrics(registry, settings.host, settings.metrics_port)
+    try:
+        yield
+    finally:
+        server.close()
 
 
 def _exit_quietly(signum: int, frame: FrameType | None) -> None:

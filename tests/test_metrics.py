@@ -1,0 +1,201 @@
+"""Prometheus metrics (docs/metrics.md): each process of a stack started like `make run`
+serves `/metrics` on its own port, labelled by route templates, with no capability id in
+any series; an edge with several workers is scraped once for all of them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.metrics import ContainerMemoryCollector
+from tests.app_support import new_port
+from tests.processes import PROJECT_ROOT
+from tests.servers import wait_until
+from tests.sim_support import wav_file
+from tests.test_run_stack import Stack, started_stack
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+CAPABILITY_LIKE = re.compile(r"[A-Za-z0-9_-]{32,}")
+
+
+def scrape(url: str) -> tuple[str, Samples]:
+    response = httpx.get(f"{url}/metrics", timeout=5, trust_env=False)
+    assert response.status_code == 200, response.text
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return response.text, samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    found = [v for (sample, have), v in samples.items() if sample == name and wanted <= have]
+    assert found, f"no {name} with {labels}: {sorted(key for key, _ in samples if key.startswith(name[:12]))}"
+    return sum(found)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dict[str, str]]]:
+    ports = {name: str(new_port()) for name in ("EDGE_METRICS_PORT", "APP_METRICS_PORT", "SIM_METRICS_PORT")}
+    with started_stack(tmp_path_factory.mktemp("metrics-stack"), **ports) as running:
+        yield running, {name.split("_")[0].lower(): f"http://127.0.0.1:{port}" for name, port in ports.items()}
+
+
+def test_each_process_is_scraped_on_its_own_port_by_route_template_with_no_ids(
+    stack: tuple[Stack, dict[str, str]],
+) -> None:
+    running, metrics = stack
+    with httpx.Client(base_url=running.edge_url, timeout=30, trust_env=False) as client:
+        session_id = client.post("/api/v1/sessions").json()["session_id"]
+        turn = client.post(f"/api/v1/sessions/{session_id}/turns", json={"text": "My name is Ada."})
+        assert turn.status_code == 200, turn.text
+        files = {"audio": ("turn.wav", wav_file(2.0), "audio/wav")}
+        voice = client.post(f"/api/v1/sessions/{session_id}/turns", files=files)
+        assert voice.status_code == 200, voice.text
+        timing = dict(part.strip().split(";dur=") for part in voice.headers["server-timing"].split(","))
+        assert {"transcribe", "recall", "reply", "speak", "total"} <= set(timing), timing
+        assert float(timing["total"]) >= float(timing["reply"]) > 0
+        assert client.get(f"/api/v1/sessions/{session_id}").status_code == 200
+        assert client.get(f"/api/v1/sessions/{'x' * 32}").status_code == 404
+        # Not on the public port: the edge forwards /metrics like any path, and the app has none.
+        assert client.get("/metrics").status_code == 404
+
+    # The same figures in the edge's access line of the turn.
+    access = [line for line in running.output().splitlines() if '"edge.access"' in line and "/turns" in line]
+    assert any(f"total;dur={timing['total']}" in line for line in access), access
+
+    edge_text, edge = scrape(metrics["edge"])
+    duration = "http_server_request_duration_seconds_count"
+    turns_route = {"http_request_method": "POST", "http_response_status_code": "200"}
+    assert value(edge, duration, http_route="/api/v1/sessions/*/turns", **turns_route) == 2
+    assert value(edge, duration, http_route="/api/v1/sessions/*/**", http_response_status_code="404") == 1
+    assert value(edge, "edge_rate_limit_decisions_total", rule="voice-turns", outcome="allowed") == 2
+    assert not [key for key in edge if key[0] == "edge_errors_total"], "the edge answered no error itself"
+    assert value(edge, "process_resident_memory_bytes") > 10_000_000
+
+    app_text, app = scrape(metrics["app"])
+    route = "/api/v1/sessions/{session_id}/turns"
+    assert value(app, duration, http_route=route, **turns_route) == 2
+    assert value(app, duration, http_route="/api/v1/sessions/{session_id}", http_response_status_code="404") == 1
+    assert value(app, "app_turns_total", kind="text", outcome="ok") == 1
+    assert value(app, "app_turns_total", kind="voice", outcome="ok") == 1
+    assert value(app, "app_turn_duration_seconds_count", kind="text") == 1
+    for stage in ("transcribe", "recall", "reply", "speak", "remember"):
+        assert value(app, "app_turn_stage_duration_seconds_count", stage=stage) == 2, stage
+    # What the providers bill, for the quota panels: the simulator reports usage as Groq does.
+    assert value(app, "app_groq_tokens_total", direction="input") > 0
+    assert value(app, "app_groq_tokens_total", direction="output") > 0
+    assert 1.9 < value(app, "app_groq_audio_seconds_total") < 2.1
+    assert value(app, "app_elevenlabs_characters_total") == sum(len(t.json()["reply"]) for t in (turn, voice))
+    assert value(app, "app_provider_responses_total", provider="groq", status="200") >= 3
+    assert value(app, "app_outbound_calls_total", provider="elevenlabs", outcome="success") == 2
+    assert value(app, "app_sessions_started_total") >= 1
+    assert value(app, "app_memories_written_total") >= 1
+    assert value(app, "app_breaker_state", provider="groq", state="closed") == 1
+    assert value(app, "app_breaker_state", provider="groq", state="open") == 0
+    assert wait_until(lambda: value(scrape(metrics["app"])[1], "readiness_status") == 1, timeout=15)
+
+    sim_text, sim = scrape(metrics["sim"])
+    assert value(sim, duration, http_route="/openai/v1/chat/completions", http_response_status_code="200") >= 1
+
+    for text, samples in ((edge_text, edge), (app_text, app), (sim_text, sim)):
+        assert session_id not in text
+        assert "Ada" not in text
+        labels = {label for _, have in samples for _, label in have}
+        assert not [label for label in labels if CAPABILITY_LIKE.search(label)]
+
+
+def test_one_scrape_of_an_edge_with_two_workers_counts_every_request(tmp_path: Path) -> None:
+    """Each request lands on whichever worker accepts it; the supervisor's scrape adds the
+    workers' files up, so the total is exact whatever the split."""
+    upstream = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port := new_port()), "--bind", "127.0.0.1"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    edge_port, metrics_port = new_port(), new_port()
+    env = {
+        **os.environ,
+        "EDGE_PORT": str(edge_port),
+        "EDGE_HOST": "127.0.0.1",
+        "EDGE_WORKERS": "2",
+        "EDGE_METRICS_PORT": str(metrics_port),
+        "EDGE_UPSTREAM_URL": f"http://127.0.0.1:{port}",
+    }
+    edge = subprocess.Popen(
+        [sys.executable, "-m", "edge"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        process_group=0,
+    )
+    try:
+        url = f"http://127.0.0.1:{edge_port}"
+        assert wait_until(lambda: _answers(f"{url}/_edge/live"), timeout=30), "the edge did not start"
+        requests = 40
+        for _ in range(requests):
+            # A new connection each time, so that both workers get some.
+            assert httpx.get(f"{url}/", timeout=5, trust_env=False).status_code == 200
+        _, samples = scrape(f"http://127.0.0.1:{metrics_port}")
+        counted = value(samples, "http_server_request_duration_seconds_count", http_route="other")
+        assert counted == requests
+        workers = _children(edge.pid)
+        assert len(workers) >= 2, workers
+    finally:
+        os.killpg(edge.pid, signal.SIGTERM)
+        edge.wait(30)
+        upstream.kill()
+        upstream.wait()
+    assert edge.returncode == 0, edge.stderr.read() if edge.stderr else ""
+
+
+def test_container_memory_is_the_cgroups_working_set_against_its_limit(tmp_path: Path) -> None:
+    group = tmp_path / "cgroup" / "system.slice" / "app.scope"
+    group.mkdir(parents=True)
+    (group / "memory.current").write_text("300000000\n")
+    (group / "memory.stat").write_text("anon 200000000\ninactive_file 100000000\nactive_file 0\n")
+    (group / "memory.max").write_text("536870912\n")
+    membership = tmp_path / "self-cgroup"
+    membership.write_text("0::/system.slice/app.scope\n")
+    found = {m.name: m.samples[0].value for m in ContainerMemoryCollector(tmp_path / "cgroup", membership).collect()}
+    assert found == {"container_memory_working_set_bytes": 200000000, "container_memory_limit_bytes": 536870912}
+
+    (group / "memory.max").write_text("max\n")  # no limit: no limit series, no ratio to alert on
+    names = {m.name for m in ContainerMemoryCollector(tmp_path / "cgroup", membership).collect()}
+    assert names == {"container_memory_working_set_bytes"}
+
+    membership.write_text("12:memory:/docker/abc\n")  # cgroup v1: nothing rather than the host's figures
+    assert list(ContainerMemoryCollector(tmp_path / "cgroup", membership).collect()) == []
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
