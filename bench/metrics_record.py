@@ -12,7 +12,7 @@ common/metrics.py, given to the SDK as its bucket advice):
 - `prometheus-client, multiprocess`: the same with `PROMETHEUS_MULTIPROC_DIR` set to a
   fresh temp dir, which the library reads when it is imported: every value goes to a
   memory-mapped file (what the edge does with `EDGE_WORKERS` > 1);
-- and, for scale, what one request pays in the edge: its two metrics middlewares
+- and, for scale, what one request pays in the edge: its metrics middleware
   (`RequestDurationMiddleware` around `EdgeErrorsMiddleware`, as `EDGE_METRICS_PORT`
   installs them) around an ASGI app that only answers, less that app alone; as many
   requests as observations.
@@ -155,7 +155,7 @@ def measure_prometheus(pairs: list[tuple[tuple[str, str, str], float]], warmup: 
 
 
 def measure_edge_middlewares(requests: int) -> dict[str, float]:
-    """Per request, what the edge's two metrics middlewares add around an ASGI app that only
+    """Per request, what the edge's metrics middleware adds around an ASGI app that only
     answers (`GET /`, 200, two messages): timing, the route label, the observation and the
     error counter's check, as `EDGE_METRICS_PORT` installs them (edge/app.py)."""
     import asyncio
@@ -164,7 +164,7 @@ def measure_edge_middlewares(requests: int) -> dict[str, float]:
     from starlette.types import Message, Receive, Scope, Send
 
     from common.metrics import RequestDurationMiddleware
-    from edge.concerns.request_metrics import EdgeErrorsMiddleware, RouteLabels
+    from edge.concerns.request_metrics import EdgeErrors, RouteLabels
     from edge.metrics import EdgeMetrics
     from edge.policy import load_policy
 
@@ -183,7 +183,7 @@ def measure_edge_middlewares(requests: int) -> dict[str, float]:
         return {"type": "http.request", "body": b""}
 
     wrapped = RequestDurationMiddleware(
-        EdgeErrorsMiddleware(answer, metrics.errors), metrics.request_duration, RouteLabels(load_policy(None))
+        answer, metrics.request_duration, RouteLabels(load_policy(None)), EdgeErrors(metrics.errors)
     )
 
     async def per_request_us(app: Callable[[Scope, Receive, Send], Any]) -> float:

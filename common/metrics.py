@@ -60,16 +60,32 @@ class RequestDurationMiddleware:
     response's last byte, labelled by `route_of(scope)` once the request is done (a route
     template, never the raw path). A request whose response never started (the client went
     away) is not counted; one that failed before answering counts as 500, which is what
-    the server sends."""
+    the server sends. `finished(scope)`, if given, is told of every HTTP request and
+    WebSocket session when it ends: one layer for whatever else a process counts per request.
 
-    def __init__(self, app: ASGIApp, duration: Histogram, route_of: Callable[[Scope], str]) -> None:
+    The labelled series are kept once found: the label sets are bounded, and looking one
+    up in prometheus-client costs as much as the observation itself (docs/benchmarks.md)."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        duration: Histogram,
+        route_of: Callable[[Scope], str],
+        finished: Callable[[Scope], None] | None = None,
+    ) -> None:
         self.app = app
         self.duration = duration
         self.route_of = route_of
+        self.finished = finished
+        self.series: dict[tuple[str, str, int], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                if self.finished is not None and scope["type"] == "websocket":
+                    self.finished(scope)
             return
         started = time.perf_counter()
         status = 0
@@ -86,9 +102,14 @@ class RequestDurationMiddleware:
             status = status or 500
             raise
         finally:
+            if self.finished is not None:
+                self.finished(scope)
             if status:
-                labels = (method_label(scope["method"]), self.route_of(scope), str(status))
-                self.duration.labels(*labels).observe(time.perf_counter() - started)
+                key = (scope["method"], self.route_of(scope), status)
+                series = self.series.get(key)
+                if series is None:
+                    series = self.series[key] = self.duration.labels(method_label(key[0]), key[1], str(status))
+                series.observe(time.perf_counter() - started)
 
 
 def process_registry() -> CollectorRegistry:

@@ -34,7 +34,7 @@ from edge.concerns.client_concurrency import ClientConcurrencyMiddleware
 from edge.concerns.cors import CorsMiddleware
 from edge.concerns.rate_limit import LimitStore, RateLimitMiddleware, build_route_policies
 from edge.concerns.request_id import RequestIdMiddleware
-from edge.concerns.request_metrics import EdgeErrorsMiddleware, RouteLabels
+from edge.concerns.request_metrics import EdgeErrors, RouteLabels
 from edge.concerns.security_headers import (
     API_CONTENT_SECURITY_POLICY,
     NO_REFERRER,
@@ -103,10 +103,12 @@ def build_app(
     init_error_tracking(settings, "edge")  # each worker process builds its own app, and initialises its own
     telemetry = configure_telemetry(settings)
     metrics = EdgeMetrics.build(registry or CollectorRegistry())
-    request_metrics = [
-        Middleware(RequestDurationMiddleware, duration=metrics.request_duration, route_of=RouteLabels(policy)),
-        Middleware(EdgeErrorsMiddleware, errors=metrics.errors),
-    ]
+    request_metrics = Middleware(
+        RequestDurationMiddleware,
+        duration=metrics.request_duration,
+        route_of=RouteLabels(policy),
+        finished=EdgeErrors(metrics.errors),
+    )
     limit_store = LimitStore(
         settings.rate_limit_storage_url,
         settings.rate_limit_strategy,
@@ -126,11 +128,13 @@ def build_app(
         # an eighth of the edge's CPU under load).
         gc.collect()
         gc.freeze()
-        sampler = asyncio.create_task(_sample_periodically(metrics, proxy, checks))
+        # Only for a scrape: the readiness check opens an upstream connection each time.
+        sampler = asyncio.create_task(_sample_periodically(metrics, proxy, checks)) if registry is not None else None
         yield
-        sampler.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampler
+        if sampler is not None:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
         proxy.pool.close()
         telemetry.shutdown()
 
@@ -149,7 +153,7 @@ def build_app(
     # so every response made by a lower layer (403, 413, 429, 431, 502...) gets the
     # headers of the layers above it: request id, security headers, CORS.
     chain = [
-        *(request_metrics if registry is not None else []),
+        *([request_metrics] if registry is not None else []),
         Middleware(IngressMiddleware, trusted_proxies=settings.trusted_proxies),
         Middleware(RequestIdMiddleware),
         Middleware(TracingMiddleware, tracer=telemetry.tracer, redact=redact_path),
