@@ -148,8 +148,12 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
     app.add_middleware(RequestMethods, implemented=implemented)
     if error_tracking:  # inside RequestContextMiddleware, which answers an unhandled error and ends it there
         app.add_middleware(ReportUnhandledErrors)
+    # Within the request's span (the next layer wraps this one), so that an observation can
+    # carry its trace id; an unhandled error, which that layer answers 500, counts as a 500.
+    app.add_middleware(
+        RequestDurationMiddleware, duration=metrics.request_duration, route_of=route_template, exemplars=True
+    )
     app.add_middleware(RequestContextMiddleware, tracer=telemetry.tracer)
-    app.add_middleware(RequestDurationMiddleware, duration=metrics.request_duration, route_of=route_template)
     return app
 
 

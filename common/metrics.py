@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Histogram, multiprocess, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -64,7 +65,10 @@ class RequestDurationMiddleware:
     WebSocket session when it ends: one layer for whatever else a process counts per request.
 
     The labelled series are kept once found: the label sets are bounded, and looking one
-    up in prometheus-client costs as much as the observation itself (docs/benchmarks.md)."""
+    up in prometheus-client costs as much as the observation itself (docs/benchmarks.md).
+    With `exemplars`, an observation made inside a recorded span carries its trace id as an
+    exemplar (shown in the OpenMetrics format Prometheus asks for when it stores them), so
+    a dashboard links a slow request to its trace."""
 
     def __init__(
         self,
@@ -72,11 +76,13 @@ class RequestDurationMiddleware:
         duration: Histogram,
         route_of: Callable[[Scope], str],
         finished: Callable[[Scope], None] | None = None,
+        exemplars: bool = False,
     ) -> None:
         self.app = app
         self.duration = duration
         self.route_of = route_of
         self.finished = finished
+        self.exemplars = exemplars
         self.series: dict[tuple[str, str, int], Histogram] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -109,7 +115,15 @@ class RequestDurationMiddleware:
                 series = self.series.get(key)
                 if series is None:
                     series = self.series[key] = self.duration.labels(method_label(key[0]), key[1], str(status))
-                series.observe(time.perf_counter() - started)
+                series.observe(time.perf_counter() - started, self._exemplar())
+
+    def _exemplar(self) -> dict[str, str] | None:
+        if not self.exemplars:
+            return None
+        span = trace.get_current_span()
+        if not span.is_recording():  # a trace nobody exports is nothing to link to
+            return None
+        return {"trace_id": format(span.get_span_context().trace_id, "032x")}
 
 
 def process_registry() -> CollectorRegistry:

@@ -17,10 +17,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.metrics import ContainerMemoryCollector
-from tests.app_support import new_port
+from tests.app_support import ApiClient, Simulators, app_settings, new_port, running_app
 from tests.processes import PROJECT_ROOT
-from tests.servers import wait_until
+from tests.servers import serve, wait_until
 from tests.sim_support import wav_file
+from tests.telemetry_support import OtlpCollector
 from tests.test_run_stack import Stack, started_stack
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -199,3 +200,39 @@ def _children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def test_a_request_inside_an_exported_trace_carries_its_trace_id_as_an_exemplar(
+    sims: Simulators, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prometheus asks for OpenMetrics when it stores exemplars; there, the app's request
+    durations link to the trace the collector received (the dashboard's exemplars)."""
+    sink = OtlpCollector()
+    collector = serve(sink, log_config=None)
+    metrics_port = new_port()
+    # The SDK's exporter reads its endpoint from the environment, as `python -m app` would.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"{collector.url}/v1/traces")
+    settings = app_settings(sims, tmp_path / "data", metrics_port=metrics_port)
+    try:
+        with running_app(settings) as app, ApiClient(app.url) as api:
+            session_id = api.create_session()
+            api.say(session_id, "Hello!")
+            answer = httpx.get(
+                f"http://127.0.0.1:{metrics_port}/metrics",
+                headers={"accept": "application/openmetrics-text; version=1.0.0"},
+                timeout=5,
+                trust_env=False,
+            )
+        # Stopped: the app has flushed its spans.
+        assert answer.headers["content-type"].startswith("application/openmetrics-text"), answer.headers
+        turn_buckets = [
+            line
+            for line in answer.text.splitlines()
+            if line.startswith("http_server_request_duration_seconds_bucket") and "turns" in line and " # " in line
+        ]
+        assert turn_buckets, answer.text[:3000]
+        trace_id = re.search(r'trace_id="([0-9a-f]{32})"', turn_buckets[0])
+        assert trace_id is not None, turn_buckets
+        assert trace_id.group(1) in {span.trace_id for span in sink.spans()}, "the exemplar's trace was not exported"
+    finally:
+        collector.stop()
