@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -71,6 +72,8 @@ def test_each_process_is_scraped_on_its_own_port_by_route_template_with_no_ids(
         assert client.get(f"/api/v1/sessions/{'x' * 32}").status_code == 404
         # Not on the public port: the edge forwards /metrics like any path, and the app has none.
         assert client.get("/metrics").status_code == 404
+    # A head the server itself refuses, before any application sees it.
+    assert raw_exchange(running.edge_url, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400 ")
 
     # The same figures in the edge's access line of the turn.
     access = [line for line in running.output().splitlines() if '"edge.access"' in line and "/turns" in line]
@@ -82,7 +85,8 @@ def test_each_process_is_scraped_on_its_own_port_by_route_template_with_no_ids(
     assert value(edge, duration, http_route="/api/v1/sessions/*/turns", **turns_route) == 2
     assert value(edge, duration, http_route="/api/v1/sessions/*/**", http_response_status_code="404") == 1
     assert value(edge, "edge_rate_limit_decisions_total", rule="voice-turns", outcome="allowed") == 2
-    assert not [key for key in edge if key[0] == "edge_errors_total"], "the edge answered no error itself"
+    assert not [key for key in edge if key[0] == "edge_errors_total"], "the edge's layers answered no error"
+    assert value(edge, "edge_server_refusals_total", code="bad_request") == 1
     assert value(edge, "process_resident_memory_bytes") > 10_000_000
 
     app_text, app = scrape(metrics["app"])
@@ -154,6 +158,13 @@ def test_one_scrape_of_an_edge_with_two_workers_counts_every_request(tmp_path: P
         _, samples = scrape(f"http://127.0.0.1:{metrics_port}")
         counted = value(samples, "http_server_request_duration_seconds_count", http_route="other")
         assert counted == requests
+        # Refusals by the size-limit layer and by the server itself, in whichever worker.
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+        assert raw_exchange(url, head).startswith(b"HTTP/1.1 431 ")
+        assert raw_exchange(url, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+        _, samples = scrape(f"http://127.0.0.1:{metrics_port}")
+        assert value(samples, "edge_errors_total", code="headers_too_large") == 1
+        assert value(samples, "edge_server_refusals_total", code="bad_request") == 1
         workers = _children(edge.pid)
         assert len(workers) >= 2, workers
     finally:
@@ -236,3 +247,14 @@ def test_a_request_inside_an_exported_trace_carries_its_trace_id_as_an_exemplar(
         assert trace_id.group(1) in {span.trace_id for span in sink.spans()}, "the exemplar's trace was not exported"
     finally:
         collector.stop()
+
+
+def raw_exchange(url: str, request: bytes) -> bytes:
+    """`request`'s bytes as they are, on a socket of their own; what came back."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    return answer

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from edge.server.metrics import SERVER_REFUSALS, TOO_MANY_CONNECTIONS
 from edge.settings import IPNetwork
 
 logger = logging.getLogger("edge.server")
@@ -51,6 +52,7 @@ class ClientConnections:
         return any(parsed in network for network in self.trusted_proxies)
 
     def _refused(self, address: str) -> None:
+        SERVER_REFUSALS.labels(TOO_MANY_CONNECTIONS).inc()
         self._refused_since_warning += 1
         now = time.monotonic()
         if now - self._warned_at >= WARN_INTERVAL_S:

@@ -46,6 +46,7 @@ from uvicorn.server import ServerState
 from common.ids import ACCEPTABLE_REQUEST_ID, uuid7
 from edge import errors
 from edge.scope import CLIENT_HEAD_EXTENSION, Headers
+from edge.server.metrics import SERVER_REFUSALS
 from edge.server.request_head import HeadRefused, RequestHead, read_head
 from edge.server.websocket import EdgeWebSocketProtocol
 
@@ -479,6 +480,7 @@ class EdgeHttpProtocol(asyncio.Protocol):
 
     def _refuse(self, error: errors.EdgeError) -> None:
         """Answers `error` in the envelope and closes the connection."""
+        SERVER_REFUSALS.labels(error.code).inc()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             if cycle is not self._reading:
