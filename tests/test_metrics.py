@@ -4,18 +4,23 @@ any series; an edge with several workers is scraped once for all of them."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Receive, Scope, Send
 
 from common.metrics import ContainerMemoryCollector
 from tests.app_support import ApiClient, Simulators, app_settings, new_port, running_app
@@ -258,3 +263,47 @@ def raw_exchange(url: str, request: bytes) -> bytes:
         while chunk := connection.recv(65536):
             answer += chunk
     return answer
+
+
+async def slow_upstream(scope: Scope, receive: Receive, send: Send) -> None:
+    """Answers `GET /?seconds=N` after N seconds."""
+    seconds = float(dict(parse_qsl(scope["query_string"].decode()))["seconds"])
+    await asyncio.sleep(seconds)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_a_drain_counts_the_requests_it_found_and_those_it_answered(tmp_path: Path) -> None:
+    upstream = serve(slow_upstream)
+    edge_port, metrics_port = new_port(), new_port()
+    env = {
+        **os.environ,
+        "EDGE_PORT": str(edge_port),
+        "EDGE_HOST": "127.0.0.1",
+        "EDGE_METRICS_PORT": str(metrics_port),
+        "EDGE_UPSTREAM_URL": upstream.url,
+        "EDGE_DRAIN_TIMEOUT": "3",
+    }
+    edge = subprocess.Popen(
+        [sys.executable, "-m", "edge"], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, process_group=0
+    )
+    url = f"http://127.0.0.1:{edge_port}"
+    try:
+        assert wait_until(lambda: _answers(f"{url}/_edge/live"), timeout=30), "the edge did not start"
+        with ThreadPoolExecutor(2) as pool:
+            quick = pool.submit(httpx.get, f"{url}/?seconds=1", timeout=10, trust_env=False)
+            cut = pool.submit(httpx.get, f"{url}/?seconds=6", timeout=10, trust_env=False)
+            time.sleep(0.3)
+            os.killpg(edge.pid, signal.SIGTERM)
+            assert quick.result().status_code == 200  # finished within the drain
+            _, samples = scrape(f"http://127.0.0.1:{metrics_port}")  # still served: the drain goes on
+            assert value(samples, "edge_drain_requests_total", outcome="in_flight") == 2
+            assert value(samples, "edge_drain_requests_total", outcome="completed") == 1
+            answer = cut.result()
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] == "shutting_down"
+        assert edge.wait(30) == 0
+    finally:
+        if edge.poll() is None:
+            os.killpg(edge.pid, signal.SIGKILL)
+        upstream.stop()

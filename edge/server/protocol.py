@@ -45,8 +45,8 @@ from uvicorn.server import ServerState
 
 from common.ids import ACCEPTABLE_REQUEST_ID, uuid7
 from edge import errors
-from edge.scope import CLIENT_HEAD_EXTENSION, Headers
-from edge.server.metrics import SERVER_REFUSALS
+from edge.scope import CLIENT_HEAD_EXTENSION, EDGE_ERROR_SCOPE_KEY, Headers
+from edge.server.metrics import DRAIN_REQUESTS, SERVER_REFUSALS
 from edge.server.request_head import HeadRefused, RequestHead, read_head
 from edge.server.websocket import EdgeWebSocketProtocol
 
@@ -319,6 +319,9 @@ class EdgeHttpProtocol(asyncio.Protocol):
 
     def response_complete(self, cycle: RequestCycle) -> None:
         self.server_state.total_requests += 1
+        if self._shutting_down:
+            cut = cycle.scope.get(EDGE_ERROR_SCOPE_KEY) == errors.SHUTTING_DOWN.code
+            DRAIN_REQUESTS.labels("cut" if cut else "completed").inc()
         self.cycle = None
         if self.transport.is_closing():
             return
@@ -341,6 +344,9 @@ class EdgeHttpProtocol(asyncio.Protocol):
         if self.cycle is None:
             self._close()
             return
+        DRAIN_REQUESTS.labels("in_flight").inc()
+        if self._queue:
+            DRAIN_REQUESTS.labels("dropped").inc(len(self._queue))
         self.cycle.keep_alive = False
         self._queue.clear()
 

@@ -25,7 +25,7 @@ from edge.app import build_app
 from edge.concerns.security_headers import API_CONTENT_SECURITY_POLICY, NO_REFERRER, preset
 from edge.policy import Policy
 from edge.server.config import EdgeServerConfig, ServerLimits
-from edge.server.metrics import SERVER_REFUSALS
+from edge.server.metrics import DRAIN_REQUESTS, SERVER_REFUSALS
 from edge.settings import EdgeSettings
 
 # Body bytes that may arrive in the same reads as a request head (uvloop reads 256 KiB).
@@ -75,6 +75,7 @@ def serve(settings: EdgeSettings, policy: Policy) -> None:
         registry = process_registry() if settings.metrics_port is not None else None
         if registry is not None:
             registry.register(SERVER_REFUSALS)
+            registry.register(DRAIN_REQUESTS)
         server = uvicorn.Server(server_config(settings, build_app(settings, policy, registry=registry)))
         with _metrics_served(settings, registry):
             server.run()
