@@ -115,11 +115,10 @@ class RequestDurationMiddleware:
                 series = self.series.get(key)
                 if series is None:
                     series = self.series[key] = self.duration.labels(method_label(key[0]), key[1], str(status))
-                series.observe(time.perf_counter() - started, self._exemplar())
+                series.observe(time.perf_counter() - started, self._exemplar() if self.exemplars else None)
 
-    def _exemplar(self) -> dict[str, str] | None:
-        if not self.exemplars:
-            return None
+    @staticmethod
+    def _exemplar() -> dict[str, str] | None:
         span = trace.get_current_span()
         if not span.is_recording():  # a trace nobody exports is nothing to link to
             return None

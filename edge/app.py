@@ -103,12 +103,14 @@ def build_app(
     init_error_tracking(settings, "edge")  # each worker process builds its own app, and initialises its own
     telemetry = configure_telemetry(settings)
     metrics = EdgeMetrics.build(registry or CollectorRegistry())
-    request_metrics = Middleware(
-        RequestDurationMiddleware,
-        duration=metrics.request_duration,
-        route_of=RouteLabels(policy),
-        finished=EdgeErrors(metrics.errors),
-    )
+    timed = [
+        Middleware(
+            RequestDurationMiddleware,
+            duration=metrics.request_duration,
+            route_of=RouteLabels(policy),
+            finished=EdgeErrors(metrics.errors),
+        )
+    ]
     limit_store = LimitStore(
         settings.rate_limit_storage_url,
         settings.rate_limit_strategy,
@@ -153,7 +155,7 @@ def build_app(
     # so every response made by a lower layer (403, 413, 429, 431, 502...) gets the
     # headers of the layers above it: request id, security headers, CORS.
     chain = [
-        *([request_metrics] if registry is not None else []),
+        *(timed if registry is not None else []),
         Middleware(IngressMiddleware, trusted_proxies=settings.trusted_proxies),
         Middleware(RequestIdMiddleware),
         Middleware(TracingMiddleware, tracer=telemetry.tracer, redact=redact_path),

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from common.redaction import CAPABILITY_LIKE
 from tests.app_support import new_port
 from tests.processes import PROJECT_ROOT
 from tests.servers import wait_until
@@ -27,7 +28,6 @@ PROMETHEUS = shutil.which("prometheus")
 RULES = PROJECT_ROOT / "ops" / "prometheus" / "rules"
 TURN_LIMIT = 'rate_limit = "10/minute;200/day"'
 TURNS = "/api/v1/sessions/{session_id}/turns"
-CAPABILITY_LIKE = re.compile(r"[A-Za-z0-9_-]{32,}")
 
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None, reason="needs Debian's prometheus (make test-tools installs it as root)"

@@ -4,34 +4,27 @@ any series; an edge with several workers is scraped once for all of them."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import parse_qsl
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.types import Receive, Scope, Send
 
 from common.metrics import ContainerMemoryCollector
+from common.redaction import CAPABILITY_LIKE
 from tests.app_support import ApiClient, Simulators, app_settings, new_port, running_app
-from tests.processes import PROJECT_ROOT
-from tests.servers import serve, wait_until
+from tests.processes import children_of, edge_process
+from tests.servers import serve, start_upstream, wait_until
 from tests.sim_support import wav_file
 from tests.telemetry_support import OtlpCollector
 from tests.test_run_stack import Stack, started_stack
+from tests.wire import WireClient, WireResponse
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-CAPABILITY_LIKE = re.compile(r"[A-Za-z0-9_-]{32,}")
 
 
 def scrape(url: str) -> tuple[str, Samples]:
@@ -78,7 +71,7 @@ def test_each_process_is_scraped_on_its_own_port_by_route_template_with_no_ids(
         # Not on the public port: the edge forwards /metrics like any path, and the app has none.
         assert client.get("/metrics").status_code == 404
     # A head the server itself refuses, before any application sees it.
-    assert raw_exchange(running.edge_url, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400 ")
+    assert exchange(int(running.edge_url.rsplit(":", 1)[1]), b"NOT HTTP AT ALL\r\n\r\n").status == 400
 
     # The same figures in the edge's access line of the turn.
     access = [line for line in running.output().splitlines() if '"edge.access"' in line and "/turns" in line]
@@ -129,55 +122,35 @@ def test_each_process_is_scraped_on_its_own_port_by_route_template_with_no_ids(
 def test_one_scrape_of_an_edge_with_two_workers_counts_every_request(tmp_path: Path) -> None:
     """Each request lands on whichever worker accepts it; the supervisor's scrape adds the
     workers' files up, so the total is exact whatever the split."""
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "http.server", str(port := new_port()), "--bind", "127.0.0.1"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    upstream, _ = start_upstream()
     edge_port, metrics_port = new_port(), new_port()
     env = {
-        **os.environ,
         "EDGE_PORT": str(edge_port),
-        "EDGE_HOST": "127.0.0.1",
         "EDGE_WORKERS": "2",
         "EDGE_METRICS_PORT": str(metrics_port),
-        "EDGE_UPSTREAM_URL": f"http://127.0.0.1:{port}",
+        "EDGE_UPSTREAM_URL": upstream.url,
     }
-    edge = subprocess.Popen(
-        [sys.executable, "-m", "edge"],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        process_group=0,
-    )
     try:
-        url = f"http://127.0.0.1:{edge_port}"
-        assert wait_until(lambda: _answers(f"{url}/_edge/live"), timeout=30), "the edge did not start"
-        requests = 40
-        for _ in range(requests):
-            # A new connection each time, so that both workers get some.
-            assert httpx.get(f"{url}/", timeout=5, trust_env=False).status_code == 200
-        _, samples = scrape(f"http://127.0.0.1:{metrics_port}")
-        counted = value(samples, "http_server_request_duration_seconds_count", http_route="other")
-        assert counted == requests
-        # Refusals by the size-limit layer and by the server itself, in whichever worker.
-        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
-        assert raw_exchange(url, head).startswith(b"HTTP/1.1 431 ")
-        assert raw_exchange(url, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400 ")
-        _, samples = scrape(f"http://127.0.0.1:{metrics_port}")
-        assert value(samples, "edge_errors_total", code="headers_too_large") == 1
-        assert value(samples, "edge_server_refusals_total", code="bad_request") == 1
-        workers = _children(edge.pid)
-        assert len(workers) >= 2, workers
+        with edge_process(tmp_path / "logs", edge_port, env) as edge:
+            requests = 40
+            for _ in range(requests):
+                # A new connection each time, so that both workers get some.
+                assert httpx.get(f"{edge.url}/", timeout=5, trust_env=False).status_code == 200
+            _, samples = scrape(f"http://127.0.0.1:{metrics_port}")
+            counted = value(samples, "http_server_request_duration_seconds_count", http_route="other")
+            assert counted == requests
+            # Refusals by the size-limit layer and by the server itself, in whichever worker.
+            head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+            assert exchange(edge_port, head).status == 431
+            assert exchange(edge_port, b"NOT HTTP AT ALL\r\n\r\n").status == 400
+            _, samples = scrape(f"http://127.0.0.1:{metrics_port}")
+            assert value(samples, "edge_errors_total", code="headers_too_large") == 1
+            assert value(samples, "edge_server_refusals_total", code="bad_request") == 1
+            workers = children_of(edge.process.pid)
+            assert len(workers) >= 2, workers
+            assert edge.stop() == 0, edge.output()
     finally:
-        os.killpg(edge.pid, signal.SIGTERM)
-        edge.wait(30)
-        upstream.kill()
-        upstream.wait()
-    assert edge.returncode == 0, edge.stderr.read() if edge.stderr else ""
+        upstream.stop()
 
 
 def test_container_memory_is_the_cgroups_working_set_against_its_limit(tmp_path: Path) -> None:
@@ -197,25 +170,6 @@ def test_container_memory_is_the_cgroups_working_set_against_its_limit(tmp_path:
 
     membership.write_text("12:memory:/docker/abc\n")  # cgroup v1: nothing rather than the host's figures
     assert list(ContainerMemoryCollector(tmp_path / "cgroup", membership).collect()) == []
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
 
 
 def test_a_request_inside_an_exported_trace_carries_its_trace_id_as_an_exemplar(
@@ -254,56 +208,35 @@ def test_a_request_inside_an_exported_trace_carries_its_trace_id_as_an_exemplar(
         collector.stop()
 
 
-def raw_exchange(url: str, request: bytes) -> bytes:
-    """`request`'s bytes as they are, on a socket of their own; what came back."""
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=5) as connection:
-        connection.sendall(request)
-        answer = b""
-        while chunk := connection.recv(65536):
-            answer += chunk
-    return answer
-
-
-async def slow_upstream(scope: Scope, receive: Receive, send: Send) -> None:
-    """Answers `GET /?seconds=N` after N seconds."""
-    seconds = float(dict(parse_qsl(scope["query_string"].decode()))["seconds"])
-    await asyncio.sleep(seconds)
-    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": b"ok"})
+def exchange(port: int, request: bytes) -> WireResponse:
+    """`request`'s bytes as they are, on a connection of their own; the answer."""
+    with WireClient(port) as wire:
+        wire.send(request)
+        return wire.read_response()
 
 
 def test_a_drain_counts_the_requests_it_found_and_those_it_answered(tmp_path: Path) -> None:
-    upstream = serve(slow_upstream)
+    upstream, _ = start_upstream()
     edge_port, metrics_port = new_port(), new_port()
     env = {
-        **os.environ,
         "EDGE_PORT": str(edge_port),
-        "EDGE_HOST": "127.0.0.1",
         "EDGE_METRICS_PORT": str(metrics_port),
         "EDGE_UPSTREAM_URL": upstream.url,
         "EDGE_DRAIN_TIMEOUT": "3",
     }
-    edge = subprocess.Popen(
-        [sys.executable, "-m", "edge"], cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, process_group=0
-    )
-    url = f"http://127.0.0.1:{edge_port}"
     try:
-        assert wait_until(lambda: _answers(f"{url}/_edge/live"), timeout=30), "the edge did not start"
-        with ThreadPoolExecutor(2) as pool:
-            quick = pool.submit(httpx.get, f"{url}/?seconds=1", timeout=10, trust_env=False)
-            cut = pool.submit(httpx.get, f"{url}/?seconds=6", timeout=10, trust_env=False)
+        with edge_process(tmp_path / "logs", edge_port, env) as edge, ThreadPoolExecutor(2) as pool:
+            quick = pool.submit(httpx.get, f"{edge.url}/slow?delay=1", timeout=10, trust_env=False)
+            cut = pool.submit(httpx.get, f"{edge.url}/slow?delay=6", timeout=10, trust_env=False)
             time.sleep(0.3)
-            os.killpg(edge.pid, signal.SIGTERM)
+            edge.terminate()
             assert quick.result().status_code == 200  # finished within the drain
             _, samples = scrape(f"http://127.0.0.1:{metrics_port}")  # still served: the drain goes on
             assert value(samples, "edge_drain_requests_total", outcome="in_flight") == 2
             assert value(samples, "edge_drain_requests_total", outcome="completed") == 1
             answer = cut.result()
-        assert answer.status_code == 503
-        assert answer.json()["error"]["code"] == "shutting_down"
-        assert edge.wait(30) == 0
+            assert answer.status_code == 503
+            assert answer.json()["error"]["code"] == "shutting_down"
+            assert edge.wait(30) == 0, edge.output()
     finally:
-        if edge.poll() is None:
-            os.killpg(edge.pid, signal.SIGKILL)
         upstream.stop()
