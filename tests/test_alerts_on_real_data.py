@@ -110,14 +110,19 @@ def test_after_a_few_turns_the_series_exist_with_route_templates_as_labels(monit
 
     edge_turns = 'http_server_request_duration_seconds_count{job="edge",http_route="/api/v1/sessions/*/turns"}'
 
-    def scraped() -> bool:
-        app_seen = monitored.query('app_turns_total{job="app",kind="text",outcome="ok"} >= 3')
-        return bool(app_seen) and bool(monitored.query(f"sum({edge_turns}) >= 3"))
+    expected = (
+        'app_turns_total{job="app",kind="text",outcome="ok"} >= 3',
+        f"sum({edge_turns}) >= 3",
+        f'sum(http_server_request_duration_seconds_count{{job="app",http_route="{TURNS}"}}) >= 3',
+        # Each target is scraped on its own schedule: the simulator's series may land a
+        # scrape after the app's and the edge's.
+        'http_server_request_duration_seconds_count{job="sim"}',
+    )
 
-    assert wait_until(scraped, timeout=20), monitored.query("http_server_request_duration_seconds_count")
-    app_turns = monitored.query(f'http_server_request_duration_seconds_count{{job="app",http_route="{TURNS}"}}')
-    assert sum(float(series["value"][1]) for series in app_turns) >= 3
-    assert monitored.query('http_server_request_duration_seconds_count{job="sim"}')
+    def scraped() -> bool:
+        return all(monitored.query(expression) for expression in expected)
+
+    assert wait_until(scraped, timeout=20, interval=0.2), [(e, monitored.query(e)) for e in expected]
     routes = httpx.get(f"{monitored.prometheus}/api/v1/label/http_route/values", timeout=5).json()["data"]
     assert TURNS in routes
     assert not [route for route in routes if CAPABILITY_LIKE.search(route) or session_id in route], routes
