@@ -1,13 +1,12 @@
 """The internal app: FastAPI around the turn workflow, wired to its stores and providers.
 
-Start-up opens, in order: the data directory (made owner-only, `app.storage.data_dir`),
-the outbound transport and the provider clients on it, the memory store (only with
-APP_FEATURE_MEMORY on; a failure here only degrades turns), the conversation
-checkpointer and the reply audio (`app.storage.stores`), the turn graph; then the hourly
-retention sweep. Shutdown closes them in reverse, after uvicorn has let in-flight turns
-finish. Only the spelling of a path that the API lists is answered: the other (with or
-without a trailing slash) is a 404, never a redirect. HEAD is answered wherever GET is,
-and a method nothing implements is 501 (`app.api.methods`).
+Start-up makes the data directory owner-only (`app.storage.data_dir`) and opens the
+companion with everything it stands on (`app.wiring`); then the hourly retention sweep,
+the readiness sampler and, with APP_METRICS_PORT, the metrics server. Shutdown closes
+them in reverse, after uvicorn has let in-flight turns finish. Only the spelling of a path
+that the API lists is answered: the other (with or without a trailing slash) is a 404,
+never a redirect. HEAD is answered wherever GET is, and a method nothing implements is
+501 (`app.api.methods`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from qdrant_client import AsyncQdrantClient
 
 from app.api import docs as api_docs
 from app.api.docs import OPENAPI_URL, build_docs
@@ -28,21 +26,15 @@ from app.api.errors import install_error_handlers
 from app.api.methods import RequestMethods
 from app.api.routes import router
 from app.companion import Companion
-from app.memory.embedding import HashingEmbedder
-from app.memory.store import MemoryStore, MemoryUnavailable
 from app.metrics import AppMetrics, BreakerStates
 from app.observability import RequestContextMiddleware
-from app.outbound import Outbound, OutboundSettings
+from app.outbound import OutboundSettings
 from app.outbound.telemetry import OutboundMetrics
 from app.page import routes as page
 from app.page.assets import build_page
-from app.providers.elevenlabs import ElevenLabs
-from app.providers.groq import Groq
 from app.settings import AppSettings
 from app.storage import data_dir
-from app.storage.stores import open_stores
-from app.workflow.graph import build_graph
-from app.workflow.state import Services
+from app.wiring import open_companion
 from common.error_tracking import ReportUnhandledErrors, init_error_tracking
 from common.metrics import RequestDurationMiddleware, process_registry, route_template, serve_metrics
 from common.telemetry import configure_telemetry
@@ -64,23 +56,8 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         data_dir.secure(settings.data_dir)
-        outbound = Outbound(outbound_settings, tracer=telemetry.tracer, metrics=outbound_metrics)
-        groq = Groq(
-            outbound.client("groq", settings.groq_base_url, headers=_bearer(settings)),
-            tokens=metrics.groq_tokens,
-            audio_seconds=metrics.groq_audio_seconds,
-        )
-        elevenlabs = ElevenLabs(
-            outbound.client("elevenlabs", settings.elevenlabs_base_url, headers=_xi_key(settings)),
-            characters=metrics.elevenlabs_characters,
-        )
-        # Memory off: no Qdrant client at all, embedded or server.
-        memory = await _open_memory(settings, outbound) if settings.feature_memory else None
-        async with open_stores(settings) as stores:
-            services = Services(settings=settings, groq=groq, elevenlabs=elevenlabs, memory=memory, audio=stores.audio)
-            companion = Companion(
-                build_graph(stores.checkpoints.saver), stores.checkpoints, services, outbound.named_states, metrics
-            )
+        async with open_companion(settings, outbound_settings, telemetry.tracer, metrics, outbound_metrics) as opened:
+            companion, outbound = opened
             app.state.companion = companion
             breakers = BreakerStates(outbound.named_states)
             registry.register(breakers)
@@ -103,9 +80,6 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                await outbound.aclose()
-                if memory is not None:
-                    await memory.client.close()
                 telemetry.shutdown()
 
     docs = settings.feature_api_docs
@@ -164,44 +138,6 @@ def page_settings(settings: AppSettings) -> dict[str, str]:
         "turn_timeout_s": f"{settings.turn_timeout_s:g}",
         "max_text_chars": str(settings.max_text_chars),
     }
-
-
-def _bearer(settings: AppSettings) -> dict[str, str]:
-    key = settings.groq_api_key.get_secret_value() if settings.groq_api_key else ""
-    return {"authorization": f"Bearer {key}"}
-
-
-def _xi_key(settings: AppSettings) -> dict[str, str]:
-    return {"xi-api-key": settings.elevenlabs_api_key.get_secret_value() if settings.elevenlabs_api_key else ""}
-
-
-async def _open_memory(settings: AppSettings, outbound: Outbound) -> MemoryStore:
-    memory = MemoryStore(
-        _qdrant(settings, outbound),
-        HashingEmbedder(),
-        duplicate_similarity=settings.memory_duplicate_similarity,
-        server=settings.qdrant_url is not None,
-    )
-    try:
-        await memory.setup()
-    except MemoryUnavailable:
-        logger.warning("memory store unavailable at start-up; turns go without memories until it is back")
-    return memory
-
-
-def _qdrant(settings: AppSettings, outbound: Outbound) -> AsyncQdrantClient:
-    if settings.qdrant_url is None:
-        # Embedded: no server, files under the data directory, one process at a time.
-        return AsyncQdrantClient(path=str(settings.data_dir / "qdrant"))
-    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
-    # Its REST calls go through the shared transport like every other outbound call.
-    return AsyncQdrantClient(
-        url=settings.qdrant_url,
-        api_key=api_key,
-        # No version call at start-up: the store may be down then, and turns degrade anyway.
-        check_compatibility=False,
-        **outbound.httpx_kwargs("qdrant", settings.qdrant_url),
-    )
 
 
 async def _sample_readiness(companion: Companion, metrics: AppMetrics) -> None:
