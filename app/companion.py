@@ -16,6 +16,7 @@ everything of this class and reaches past it into no store.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import re
 import secrets
@@ -25,7 +26,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 
 from langchain_core.runnables import RunnableConfig
@@ -43,6 +44,8 @@ from app.workflow.state import Conversation, Services, Turn, TurnContext
 logger = logging.getLogger("app.companion")
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32}$")
+# Expired sessions found per query: a backlog is swept a batch at a time, not held at once.
+SWEEP_BATCH = 500
 
 
 class SessionNotFound(Exception):
@@ -141,21 +144,27 @@ class Companion:
             raise SessionNotFound
         return values
 
-    async def delete_session(self, session_id: str) -> None:
+    async def delete_session(self, session_id: str, *, idle_before: float | None = None) -> bool:
         """Removes everything the session left: its state, its memories and its audio, with
         no copy of its words left in the SQLite files (`Checkpoints.delete`). A turn under
         way, on any replica, ends first: its messages and audio go too, and it cannot save
-        its state over the deletion."""
+        its state over the deletion. With `idle_before` (the retention sweep's cutoff, epoch
+        seconds) only if the session is still idle since before then once it is ours: a
+        turn that reached it meanwhile keeps it. Whether it was removed."""
         await self.session(session_id)
         async with self._one_at_a_time(session_id, self._deadline()):
             conversation = await self.session(session_id)
+            if idle_before is not None and (await self.checkpoints.written_at(session_id) or 0.0) >= idle_before:
+                return False
             if self.services.memory is not None:  # MemoryUnavailable: keep all, retry later
                 await self.services.memory.forget_session(session_id)
             await self.services.audio.delete(
                 [message["audio_id"] for message in conversation["messages"] if "audio_id" in message]
             )
             await self.checkpoints.delete(session_id)
-        self.metrics.sessions_deleted.inc()
+        if idle_before is None:  # the sweep counts its own (`app_sessions_expired_total`)
+            self.metrics.sessions_deleted.inc()
+        return True
 
     # -- turns -------------------------------------------------------------------------------
 
@@ -287,30 +296,83 @@ class Companion:
 
     # -- housekeeping ------------------------------------------------------------------------
 
-    async def sweep(self) -> tuple[int, int]:
-        """Deletes sessions idle past the retention period and audio past its own; counts."""
-        settings = self.settings
-        removed_audio = await self.services.audio.delete_older_than(settings.audio_retention_hours * 3600)
-        cutoff = time.time() - settings.session_retention_days * 86400
-        removed_sessions = 0
-        for session_id in await self.checkpoints.thread_ids():
-            try:
-                conversation = await self.session(session_id)
-                if _timestamp(conversation.get("updated_at", "")) < cutoff:
-                    await self.delete_session(session_id)
-                    removed_sessions += 1
-                    self.metrics.sessions_expired.inc()
-            except (SessionNotFound, MemoryUnavailable, SessionBusy):
-                continue
-        return removed_sessions, removed_audio
+    async def sweep(self, dry_run: bool = False) -> SweepReport:
+        """Removes sessions idle longer than APP_SESSION_RETENTION_DAYS, each through
+        `delete_session` (state, memories, audio), and reply audio older than
+        APP_AUDIO_RETENTION_HOURS; with `dry_run`, only finds what would go. One process of
+        all those on the store sweeps at a time (`Checkpoints.only_one`); another finds it
+        held and skips. Idle since: when the session's state was last saved (its creation,
+        its last turn). A session a turn reached since it was found stays, and so does one
+        whose turn under way does not end in time or whose memories cannot be reached:
+        the next sweep tries again."""
+        started = time.perf_counter()
+        async with self.checkpoints.only_one("sweep") as held:
+            if not held:
+                logger.info("retention sweep skipped: another process is sweeping")
+                return SweepReport(dry_run=dry_run, held_elsewhere=True, sessions=(), audio=0, seconds=0.0)
+            audio_seconds = self.settings.audio_retention_hours * 3600
+            if dry_run:
+                audio = await self.services.audio.count_older_than(audio_seconds)
+            else:
+                audio = await self.services.audio.delete_older_than(audio_seconds)
+                self.metrics.audio_expired.inc(audio)
+            sessions = await self._expired_sessions(dry_run)
+        seconds = time.perf_counter() - started
+        if not dry_run:
+            self.metrics.sweep_duration.observe(seconds)
+        return SweepReport(dry_run=dry_run, held_elsewhere=False, sessions=sessions, audio=audio, seconds=seconds)
+
+    async def _expired_sessions(self, dry_run: bool) -> tuple[ExpiredSession, ...]:
+        """Found a batch at a time, paged by session id: one kept (busy, say) is not found
+        again by this sweep."""
+        cutoff = time.time() - self.settings.session_retention_days * 86400
+        gone: list[ExpiredSession] = []
+        after = ""
+        while True:
+            batch = await self.checkpoints.idle_threads(cutoff, after, SWEEP_BATCH)
+            for session_id, written in batch:
+                if dry_run or await self._expire(session_id, cutoff):
+                    gone.append(ExpiredSession.of(session_id, written))
+            if len(batch) < SWEEP_BATCH:
+                return tuple(gone)
+            after = batch[-1][0]
+
+    async def _expire(self, session_id: str, cutoff: float) -> bool:
+        try:
+            removed = await self.delete_session(session_id, idle_before=cutoff)
+        except (SessionNotFound, MemoryUnavailable, SessionBusy):  # gone already, or kept for the next sweep
+            return False
+        if removed:
+            self.metrics.sessions_expired.inc()
+        return removed
+
+
+@dataclass(frozen=True)
+class ExpiredSession:
+    """A session a sweep removed, or would, told apart without its id (capability ids are
+    never printed or logged)."""
+
+    fingerprint: str  # the first 12 hex digits of its id's SHA-256: not enough to find the id
+    idle_since: str  # when its state was last saved, ISO 8601 in UTC
+
+    @classmethod
+    def of(cls, session_id: str, written: float) -> ExpiredSession:
+        return cls(
+            fingerprint=hashlib.sha256(session_id.encode()).hexdigest()[:12],
+            idle_since=datetime.fromtimestamp(written, UTC).isoformat(timespec="seconds"),
+        )
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What a sweep removed, or with `dry_run` would have."""
+
+    dry_run: bool
+    held_elsewhere: bool  # another process was sweeping: this one did nothing
+    sessions: tuple[ExpiredSession, ...]
+    audio: int  # reply audio past its own retention (files, or rows with PostgreSQL)
+    seconds: float
 
 
 def _config(session_id: str) -> RunnableConfig:
     return {"configurable": {"thread_id": session_id}}
-
-
-def _timestamp(iso: str) -> float:
-    try:
-        return datetime.fromisoformat(iso).timestamp()
-    except ValueError:
-        return 0.0

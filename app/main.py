@@ -153,9 +153,16 @@ async def _sample_readiness(companion: Companion, metrics: AppMetrics) -> None:
 async def _sweep_periodically(companion: Companion) -> None:
     while True:
         try:
-            sessions, audio = await companion.sweep()
-            if sessions or audio:
-                logger.info("retention sweep", extra={"sessions_deleted": sessions, "audio_deleted": audio})
+            report = await companion.sweep()
+            if report.sessions or report.audio:  # counts only: never a session's id
+                logger.info(
+                    "retention sweep",
+                    extra={
+                        "sessions_deleted": len(report.sessions),
+                        "audio_deleted": report.audio,
+                        "duration_s": round(report.seconds, 3),
+                    },
+                )
         except Exception:  # the sweep must outlive a bad hour; the next one retries
             logger.exception("retention sweep failed")
         await asyncio.sleep(SWEEP_INTERVAL_S)

@@ -17,6 +17,8 @@ from prometheus_client.registry import Collector
 from common.metrics import DURATION_BUCKETS, request_duration
 
 BREAKER_STATES = ("closed", "open", "half_open")
+# A sweep takes milliseconds with nothing to delete, minutes with a backlog of thousands.
+SWEEP_BUCKETS = (0.01, 0.1, 1, 10, 60, 300, 1800)
 
 
 class BreakerStates(Collector):
@@ -45,6 +47,8 @@ class AppMetrics:
     sessions_started: Counter
     sessions_deleted: Counter
     sessions_expired: Counter
+    audio_expired: Counter
+    sweep_duration: Histogram
     memories_written: Counter
     memories_recalled: Counter
     degradations: Counter
@@ -75,6 +79,13 @@ class AppMetrics:
             sessions_started=Counter("app_sessions_started", "Sessions created", registry=registry),
             sessions_deleted=Counter("app_sessions_deleted", "Sessions deleted by their owner", registry=registry),
             sessions_expired=Counter("app_sessions_expired", "Sessions removed by retention", registry=registry),
+            audio_expired=Counter("app_audio_expired", "Reply audio removed by its own retention", registry=registry),
+            sweep_duration=Histogram(
+                "app_sweep_duration_seconds",
+                "A retention sweep this process ran, start to end",
+                buckets=SWEEP_BUCKETS,
+                registry=registry,
+            ),
             memories_written=Counter("app_memories_written", "Memories stored", registry=registry),
             memories_recalled=Counter("app_memories_recalled", "Memories put in a prompt", registry=registry),
             degradations=Counter(

@@ -276,7 +276,8 @@ def test_reply_audio_in_postgresql_is_swept_after_its_retention(sims: Simulators
             audio_url = turn["audio_url"]
             assert audio_url is not None, turn
             assert client.get(audio_url).status_code == 200
-            assert app.run(app.companion.sweep()) == (0, 1)
+            report = app.run(app.companion.sweep())
+            assert (len(report.sessions), report.audio) == (0, 1), report
             assert client.get(audio_url).status_code == 404
             assert rows_of(database_url, session_id, audio_id_of(turn))["reply_audio"] == 0
             assert client.session(session_id)["messages"][1]["text"] == turn["reply"]

@@ -38,6 +38,7 @@ INSERT = "INSERT INTO reply_audio (audio_id, content_type, content) VALUES (%s, 
 SELECT = "SELECT content_type, content FROM reply_audio WHERE audio_id = %s"
 DELETE = "DELETE FROM reply_audio WHERE audio_id = ANY(%s)"
 DELETE_OLDER_THAN = "DELETE FROM reply_audio WHERE created_at < now() - make_interval(secs => %s)"
+COUNT_OLDER_THAN = "SELECT count(*) AS older FROM reply_audio WHERE created_at < now() - make_interval(secs => %s)"
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class AudioStore(Protocol):
 
     async def delete_older_than(self, seconds: float) -> int:
         """Deletes audio kept longer than `seconds`; how many."""
+
+    async def count_older_than(self, seconds: float) -> int:
+        """How many `delete_older_than` would delete now (a dry run of the sweep)."""
 
 
 class AudioFiles:
@@ -94,16 +98,29 @@ class AudioFiles:
                 found[0].unlink(missing_ok=True)
 
     async def delete_older_than(self, seconds: float) -> int:
-        cutoff = time.time() - seconds
+        older = self._older_than(seconds)
         deleted = 0
-        for path in self.directory.iterdir():
+        for path in older:
             try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink()
-                    deleted += 1
+                path.unlink()
+                deleted += 1
             except FileNotFoundError:
                 continue
         return deleted
+
+    async def count_older_than(self, seconds: float) -> int:
+        return len(self._older_than(seconds))
+
+    def _older_than(self, seconds: float) -> list[Path]:
+        cutoff = time.time() - seconds
+        older = []
+        for path in self.directory.iterdir():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    older.append(path)
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+        return older
 
     def _path(self, audio_id: str) -> tuple[Path, str] | None:
         if not AUDIO_ID.match(audio_id):
@@ -148,3 +165,8 @@ class PostgresAudio:
     async def delete_older_than(self, seconds: float) -> int:
         async with self._pool.connection() as connection:
             return (await connection.execute(DELETE_OLDER_THAN, (seconds,))).rowcount
+
+    async def count_older_than(self, seconds: float) -> int:
+        async with self._pool.connection() as connection:
+            row = await (await connection.execute(COUNT_OLDER_THAN, (seconds,))).fetchone()
+        return 0 if row is None else int(row["older"])

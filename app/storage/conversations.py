@@ -4,11 +4,19 @@ class for each behind the `Checkpoints` protocol (opened by `app.storage.stores`
 
 `hold` serialises the turns of a thread across processes: SQLite is one app process's
 (the in-process lock is all it needs), PostgreSQL takes the session's advisory lock
-(`app.storage.session_lock`).
+(`app.storage.session_lock`). `only_one` lets one process of all those on the store run
+a job (the retention sweep) and tells the others so, without waiting: an advisory lock
+on PostgreSQL, a `flock` on a file of the data directory with SQLite.
 
 One thread per session. After each turn only the latest checkpoint of the thread is kept
 (and its pending writes): the history of checkpoints is never read, and keeping it grew
 the database by a full copy of the conversation per turn.
+
+Checkpoint ids are LangGraph's uuid6, which begin with the time they were made at, so
+that their text sorts by time; the newest of a thread is written at its creation and at
+the end of every turn. When a thread was last written is read from that id, and the
+threads idle since before a time are found on the primary key (thread, namespace, id)
+alone, no state loaded (measured in docs/benchmarks.md#retention-sweep).
 
 Deleting a thread leaves none of its words in the SQLite files once `delete` returns: the
 connection runs with `secure_delete` (deleted rows and freed pages are overwritten with
@@ -19,7 +27,10 @@ keeps deleted rows as dead tuples until VACUUM; docs/app.md says what remains wh
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -27,6 +38,7 @@ from typing import Protocol
 
 import aiosqlite
 from langgraph.checkpoint.base import BaseCheckpointSaver
+from langgraph.checkpoint.base.id import UUID
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 from psycopg import AsyncConnection
@@ -48,8 +60,24 @@ DELETE FROM checkpoints WHERE thread_id = ? AND checkpoint_id <> (
 )"""
 # Copies every page in the log into the database, then truncates the log to zero bytes.
 CHECKPOINT_WAL = "PRAGMA wal_checkpoint(TRUNCATE)"
-THREAD_IDS = "SELECT DISTINCT thread_id FROM checkpoints"
 CHECK = "SELECT 1 FROM checkpoints LIMIT 1"
+# A walk of the primary key's index in thread order, each thread's newest root checkpoint
+# id its last entry: no row read, no state decoded.
+IDLE_SQLITE = """
+SELECT thread_id, max(checkpoint_id) AS newest FROM checkpoints
+WHERE checkpoint_ns = '' AND thread_id > ?
+GROUP BY thread_id HAVING max(checkpoint_id) < ?
+ORDER BY thread_id LIMIT ?"""
+IDLE_POSTGRES = IDLE_SQLITE.replace("?", "%s")
+NEWEST_SQLITE = "SELECT max(checkpoint_id) AS newest FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ''"
+NEWEST_POSTGRES = NEWEST_SQLITE.replace("?", "%s")
+# Where the tables are: advisory locks are the whole server's, and one database may hold
+# several deployments' tables, one schema each (the tests' do).
+STORE = "SELECT current_database() || '.' || current_schema() AS store"
+TRY_LOCK = "SELECT pg_try_advisory_lock(%s) AS held"
+UNLOCK = "SELECT pg_advisory_unlock(%s)"
+# 100-nanosecond intervals from the UUID epoch (1582-10-15) to the Unix epoch.
+UUID_EPOCH = 0x01B21DD213814000
 
 
 class Checkpoints(Protocol):
@@ -64,7 +92,13 @@ class Checkpoints(Protocol):
     async def keep_latest(self, thread_id: str) -> None:
         """Deletes every checkpoint of the thread but the latest, and their writes."""
 
-    async def thread_ids(self) -> list[str]: ...
+    async def idle_threads(self, cutoff: float, after: str, limit: int) -> list[tuple[str, float]]:
+        """Threads whose newest root checkpoint was written before `cutoff` (epoch
+        seconds), with when: at most `limit`, in thread order, from the first after `after`
+        (so that a caller pages through them, deleting or not)."""
+
+    async def written_at(self, thread_id: str) -> float | None:
+        """When the thread's newest root checkpoint was written (epoch seconds); None without one."""
 
     async def check(self) -> bool:
         """A real query on the database, for readiness."""
@@ -73,13 +107,18 @@ class Checkpoints(Protocol):
         """The thread to this process alone while entered, across every process on the
         database; `TimeoutError` if it cannot be had by `deadline` (the event loop's time)."""
 
+    def only_one(self, job: str) -> AbstractAsyncContextManager[bool]:
+        """True while entered if this process holds `job` across every process on the
+        store, False if another does (never waits); released on leaving."""
+
 
 class SqliteCheckpoints:
     """Under `APP_DATA_DIR`; a deletion leaves no copy of the thread in the files."""
 
-    def __init__(self, saver: AsyncSqliteSaver) -> None:
+    def __init__(self, saver: AsyncSqliteSaver, data_dir: Path) -> None:
         self.saver = saver
         self._connection: aiosqlite.Connection = saver.conn
+        self._data_dir = data_dir
 
     async def delete(self, thread_id: str) -> None:
         await self.saver.adelete_thread(thread_id)
@@ -99,9 +138,16 @@ class SqliteCheckpoints:
         await self._connection.execute(PRUNE_SQLITE_CHECKPOINTS, (thread_id, thread_id))
         await self._connection.commit()
 
-    async def thread_ids(self) -> list[str]:
-        async with self._connection.execute(THREAD_IDS) as cursor:
-            return [str(row[0]) async for row in cursor]
+    async def idle_threads(self, cutoff: float, after: str, limit: int) -> list[tuple[str, float]]:
+        # Read to the end, so that no statement is left open holding a snapshot.
+        async with self._connection.execute(IDLE_SQLITE, (after, checkpoint_id_at(cutoff), limit)) as cursor:
+            rows = await cursor.fetchall()
+        return [(str(thread_id), written_when(str(newest))) for thread_id, newest in rows]
+
+    async def written_at(self, thread_id: str) -> float | None:
+        async with self._connection.execute(NEWEST_SQLITE, (thread_id,)) as cursor:
+            row = await cursor.fetchone()
+        return None if row is None or row[0] is None else written_when(str(row[0]))
 
     async def check(self) -> bool:
         try:
@@ -115,6 +161,20 @@ class SqliteCheckpoints:
     @asynccontextmanager
     async def hold(self, thread_id: str, deadline: float) -> AsyncIterator[None]:
         yield  # one app process per SQLite database: its in-process lock is the only one
+
+    @asynccontextmanager
+    async def only_one(self, job: str) -> AsyncIterator[bool]:
+        # Another process on the data directory (`python -m app.ops`) sees the same file.
+        descriptor = os.open(self._data_dir / f"{job}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+            except BlockingIOError:
+                held = False
+            yield held
+        finally:
+            os.close(descriptor)  # which releases the lock
 
 
 class PostgresCheckpoints:
@@ -136,10 +196,15 @@ class PostgresCheckpoints:
     async def keep_latest(self, thread_id: str) -> None:
         await self.saver.aprune([thread_id], strategy="keep_latest")
 
-    async def thread_ids(self) -> list[str]:
+    async def idle_threads(self, cutoff: float, after: str, limit: int) -> list[tuple[str, float]]:
         async with self._pool.connection() as connection:
-            rows = await (await connection.execute(THREAD_IDS)).fetchall()
-        return [str(row["thread_id"]) for row in rows]
+            rows = await (await connection.execute(IDLE_POSTGRES, (after, checkpoint_id_at(cutoff), limit))).fetchall()
+        return [(str(row["thread_id"]), written_when(str(row["newest"]))) for row in rows]
+
+    async def written_at(self, thread_id: str) -> float | None:
+        async with self._pool.connection() as connection:
+            row = await (await connection.execute(NEWEST_POSTGRES, (thread_id,))).fetchone()
+        return None if row is None or row["newest"] is None else written_when(str(row["newest"]))
 
     async def check(self) -> bool:
         try:
@@ -152,6 +217,25 @@ class PostgresCheckpoints:
     def hold(self, thread_id: str, deadline: float) -> AbstractAsyncContextManager[None]:
         return session_lock(self._lock_pool, thread_id, deadline)
 
+    @asynccontextmanager
+    async def only_one(self, job: str) -> AsyncIterator[bool]:
+        # Advisory locks belong to the connection's session: it is held until the job ends.
+        async with self._lock_pool.connection() as connection:
+            store = await (await connection.execute(STORE)).fetchone()
+            key = job_key(f"{store[0] if store else ''}:{job}")
+            row = await (await connection.execute(TRY_LOCK, (key,))).fetchone()
+            if row is None or not row[0]:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                try:
+                    await connection.execute(UNLOCK, (key,))
+                except BaseException:
+                    await connection.close()  # the server releases the lock with the session
+                    raise
+
 
 @asynccontextmanager
 async def open_sqlite_checkpoints(data_dir: Path) -> AsyncIterator[SqliteCheckpoints]:
@@ -160,4 +244,23 @@ async def open_sqlite_checkpoints(data_dir: Path) -> AsyncIterator[SqliteCheckpo
         # A connection setting: deleted content is zeroed in place, not left in free space.
         await saver.conn.execute("PRAGMA secure_delete=ON")
         await saver.setup()
-        yield SqliteCheckpoints(saver)
+        yield SqliteCheckpoints(saver, data_dir)
+
+
+def checkpoint_id_at(epoch: float) -> str:
+    """The least checkpoint id LangGraph could make at `epoch` (seconds): every id made
+    before sorts below it as text, every id made at or after it above."""
+    timestamp = round(epoch * 10_000_000) + UUID_EPOCH
+    return str(UUID(int=(timestamp >> 12) << 80 | (timestamp & 0x0FFF) << 64, version=6))
+
+
+def written_when(checkpoint_id: str) -> float:
+    """When LangGraph made the checkpoint id (epoch seconds)."""
+    return (UUID(checkpoint_id).time - UUID_EPOCH) / 10_000_000
+
+
+def job_key(job: str) -> int:
+    """The job's advisory lock: a signed 64-bit key, apart from the sessions' (another
+    BLAKE2b person)."""
+    digest = hashlib.blake2b(job.encode(), digest_size=8, person=b"only-one-job").digest()
+    return int.from_bytes(digest, "big", signed=True)
