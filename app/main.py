@@ -2,7 +2,8 @@
 
 Start-up makes the data directory owner-only (`app.storage.data_dir`) and opens the
 companion with everything it stands on (`app.wiring`); then the hourly retention sweep,
-the readiness sampler and, with APP_METRICS_PORT, the metrics server. Shutdown closes
+the readiness sampler, the backups (`app.storage.backup_job`) and, with APP_METRICS_PORT,
+the metrics server. Shutdown closes
 them in reverse, after uvicorn has let in-flight turns finish. Only the spelling of a path
 that the API lists is answered: the other (with or without a trailing slash) is a 404,
 never a redirect. HEAD is answered wherever GET is, and a method nothing implements is
@@ -34,7 +35,8 @@ from app.page import routes as page
 from app.page.assets import build_page
 from app.settings import AppSettings
 from app.storage import data_dir
-from app.wiring import open_companion
+from app.storage.backup_job import back_up_periodically
+from app.wiring import open_companion, qdrant_server_client
 from common.error_tracking import ReportUnhandledErrors, init_error_tracking
 from common.metrics import RequestDurationMiddleware, process_registry, route_template, serve_metrics
 from common.telemetry import configure_telemetry
@@ -63,6 +65,10 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
             registry.register(breakers)
             sweeper = asyncio.create_task(_sweep_periodically(companion))
             sampler = asyncio.create_task(_sample_readiness(companion, metrics))
+            tasks = [sweeper, sampler]
+            qdrant = qdrant_server_client(settings, outbound)
+            if settings.backup_interval_hours > 0:
+                tasks.append(asyncio.create_task(back_up_periodically(settings, companion.checkpoints, qdrant)))
             metrics_server = None
             if settings.metrics_port is not None:
                 metrics_server = serve_metrics(registry, settings.host, settings.metrics_port)
@@ -76,10 +82,12 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
                 if metrics_server is not None:
                     metrics_server.close()
                 registry.unregister(breakers)
-                for task in (sweeper, sampler):
+                for task in tasks:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+                if qdrant is not None:
+                    await qdrant.aclose()
                 telemetry.shutdown()
 
     docs = settings.feature_api_docs

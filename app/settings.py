@@ -93,11 +93,26 @@ class AppSettings(OtelSettings):
     keep_recent_messages: int = Field(10, ge=2, le=100)
     session_retention_days: float = Field(7.0, gt=0)
     audio_retention_hours: float = Field(24.0, gt=0)
+    # Backups (docs/data.md#backups): every this many hours inside the app, 0 for none.
+    backup_interval_hours: float = Field(24.0, ge=0)
+    backup_keep: int = Field(7, ge=1, le=1000)
+    # Unset: `backups/` under APP_DATA_DIR (in production, another volume).
+    backup_dir: Path | None = None
+    restore_on_corruption: bool = False
 
     otel_service_name: str = Field("app", validation_alias=AliasChoices("OTEL_SERVICE_NAME"))
     # Error tracking (docs/error-tracking.md): off while SENTRY_DSN is unset or empty.
     sentry_dsn: SecretStr | None = Field(None, validation_alias=AliasChoices("SENTRY_DSN"))
     sentry_release: str | None = Field(None, validation_alias=AliasChoices("SENTRY_RELEASE"))
+
+    @property
+    def backups(self) -> Path:
+        return self.backup_dir if self.backup_dir is not None else self.data_dir / "backups"
+
+    @property
+    def keeps_data_locally(self) -> bool:
+        """SQLite or the embedded Qdrant: stores that one process at a time may open."""
+        return self.database_url is None or (self.feature_memory and self.qdrant_url is None)
 
     @field_validator("run_as_user", mode="before")
     @classmethod

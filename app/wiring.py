@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 from opentelemetry.trace import Tracer
 from qdrant_client import AsyncQdrantClient
 
@@ -63,6 +64,15 @@ async def open_companion(
         await outbound.aclose()
         if memory is not None:
             await memory.client.close()
+
+
+def qdrant_server_client(settings: AppSettings, outbound: Outbound) -> httpx.AsyncClient | None:
+    """A client of the Qdrant server on the shared transport, when one keeps the memories: for
+    what qdrant-client does not offer (downloading a snapshot)."""
+    if not settings.feature_memory or settings.qdrant_url is None:
+        return None
+    key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
+    return outbound.client("qdrant", settings.qdrant_url, headers={"api-key": key} if key else None)
 
 
 def _bearer(settings: AppSettings) -> dict[str, str]:

@@ -11,17 +11,28 @@ A platform volume may be mounted owned by root (Railway's is), where the image's
 cannot write. Started as root with `APP_RUN_AS_USER` set, the app gives the directory to
 that user and becomes it before anything else (`become`), so it never runs as root
 (docs/deployment.md#the-volume-and-its-owner).
+
+While an app process keeps its stores in the directory (SQLite, the embedded Qdrant) it
+holds `claim`'s lock on it: a second app process, or a restore, is refused instead of
+corrupting it. The kernel lets go when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from pathlib import Path
+from typing import IO
 
 OWNER_ONLY_UMASK = 0o077
 DIRECTORY_MODE = 0o700
 FILE_MODE = 0o600
+LOCK_FILE = "app.lock"
+
+
+class DataDirInUse(Exception):
+    pass
 
 
 def restrict_umask() -> None:
@@ -49,6 +60,19 @@ def _restrict(path: Path, mode: int) -> None:
         return
     if not stat.S_ISLNK(status.st_mode) and stat.S_IMODE(status.st_mode) != mode:
         path.chmod(mode)
+
+
+def claim(directory: Path) -> IO[bytes]:
+    """`directory` to this process alone while the returned file stays open;
+    `DataDirInUse` if another process has it."""
+    directory.mkdir(parents=True, exist_ok=True, mode=DIRECTORY_MODE)
+    descriptor = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise DataDirInUse(f"{directory} is in use by an app process (one at a time): stop it first") from None
+    return os.fdopen(descriptor, "rb")
 
 
 def become(user: tuple[int, int], directory: Path) -> None:

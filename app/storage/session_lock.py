@@ -36,10 +36,14 @@ def lock_key(session_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def lock_pool(database_url: str) -> AsyncConnectionPool[AsyncConnection]:
+def lock_pool(database_url: str, application_name: str) -> AsyncConnectionPool[AsyncConnection]:
     """Opened by the caller; connections are made as turns need them."""
     return AsyncConnectionPool(
-        database_url, min_size=0, max_size=LOCK_CONNECTIONS, open=False, kwargs={"autocommit": True}
+        database_url,
+        min_size=0,
+        max_size=LOCK_CONNECTIONS,
+        open=False,
+        kwargs={"autocommit": True, "application_name": application_name},
     )
 
 

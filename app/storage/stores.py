@@ -33,6 +33,8 @@ logger = logging.getLogger("app.storage")
 SETUP_LOCK = 7_405_112_317
 TRY_SETUP_LOCK = "SELECT pg_try_advisory_lock(%s) AS acquired"
 OPEN_TIMEOUT_S = 10.0
+# On every connection of the app's: a restore refuses while one is open (app/storage/restore.py).
+APPLICATION_NAME = "voice-companion-app"
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,14 @@ async def open_stores(settings: AppSettings) -> AsyncIterator[Stores]:
         max_size=10,
         open=False,
         # What LangGraph's Postgres saver needs of its connections.
-        kwargs={"autocommit": True, "prepare_threshold": 0, "row_factory": dict_row},
+        kwargs={
+            "autocommit": True,
+            "prepare_threshold": 0,
+            "row_factory": dict_row,
+            "application_name": APPLICATION_NAME,
+        },
     )
-    locks = lock_pool(settings.database_url)
+    locks = lock_pool(settings.database_url, APPLICATION_NAME)
     try:
         try:
             await pool.open(wait=True, timeout=OPEN_TIMEOUT_S)
