@@ -68,7 +68,9 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
             tasks = [sweeper, sampler]
             qdrant = qdrant_server_client(settings, outbound)
             if settings.backup_interval_hours > 0:
-                tasks.append(asyncio.create_task(back_up_periodically(settings, companion.checkpoints, qdrant)))
+                tasks.append(
+                    asyncio.create_task(back_up_periodically(settings, companion.checkpoints, qdrant, metrics))
+                )
             metrics_server = None
             if settings.metrics_port is not None:
                 metrics_server = serve_metrics(registry, settings.host, settings.metrics_port)

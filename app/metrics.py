@@ -49,6 +49,9 @@ class AppMetrics:
     sessions_expired: Counter
     audio_expired: Counter
     sweep_duration: Histogram
+    backups: Counter
+    backup_last_success: Gauge
+    backup_bytes: Gauge
     memories_written: Counter
     memories_recalled: Counter
     degradations: Counter
@@ -86,6 +89,15 @@ class AppMetrics:
                 buckets=SWEEP_BUCKETS,
                 registry=registry,
             ),
+            backups=Counter(
+                "app_backups", "Backups this process attempted, by outcome", ["outcome"], registry=registry
+            ),
+            backup_last_success=Gauge(
+                "app_backup_last_success_timestamp_seconds",
+                "When the newest verified backup was taken (the process's start while there is none)",
+                registry=registry,
+            ),
+            backup_bytes=Gauge("app_backup_bytes", "The newest backup's size", registry=registry),
             memories_written=Counter("app_memories_written", "Memories stored", registry=registry),
             memories_recalled=Counter("app_memories_recalled", "Memories put in a prompt", registry=registry),
             degradations=Counter(

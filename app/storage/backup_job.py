@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from app.memory.store import SHARED_COLLECTION
+from app.metrics import AppMetrics
 from app.settings import AppSettings
 from app.storage import backup
 from app.storage.backup import Backup, BackupError
@@ -56,25 +57,35 @@ async def back_up(settings: AppSettings, checkpoints: Checkpoints, qdrant: httpx
 
 
 async def back_up_periodically(
-    settings: AppSettings, checkpoints: Checkpoints, qdrant: httpx.AsyncClient | None
+    settings: AppSettings, checkpoints: Checkpoints, qdrant: httpx.AsyncClient | None, metrics: AppMetrics
 ) -> None:
-    """Every APP_BACKUP_INTERVAL_HOURS from the newest backup there is: a restart does not
-    put the next one off."""
+    """Every APP_BACKUP_INTERVAL_HOURS from the newest verified backup there is: a restart
+    does not put the next one off."""
     interval = settings.backup_interval_hours * 3600
-    newest = backup.list_backups(settings.backups)
-    due = newest[0].created_at.timestamp() + interval if newest else 0.0
+    newest = backup.newest_verified(settings.backups)
+    # With none yet, from now: an alert on its age measures how long this process went without.
+    metrics.backup_last_success.set(newest.created_at.timestamp() if newest else time.time())
+    if newest is not None:
+        metrics.backup_bytes.set(newest.size)
+    due = newest.created_at.timestamp() + interval if newest else 0.0
     await asyncio.sleep(max(due - time.time(), min(FIRST_DELAY_S, interval)))
     while True:
         started = time.monotonic()
         try:
             made = await back_up(settings, checkpoints, qdrant)
         except AnotherBackupRunning:
+            metrics.backups.labels("skipped").inc()
             logger.info("backup skipped: another process is taking one")
         except BackupError as error:
+            metrics.backups.labels("failed").inc()
             logger.error("backup failed: %s", error)
         except Exception as error:  # the schedule outlives a bad backup; the next one retries
+            metrics.backups.labels("failed").inc()
             logger.error("backup failed: %s", type(error).__name__)
         else:
+            metrics.backups.labels("ok").inc()
+            metrics.backup_last_success.set(made.created_at.timestamp())
+            metrics.backup_bytes.set(made.size)
             logger.info(
                 "backup taken",
                 extra={
