@@ -29,10 +29,10 @@ COPY common/ common/
 COPY app/ app/
 COPY sim/ sim/
 # Compiled now: the code is root's and read-only to the process, which cannot cache bytecode.
-# The data directory is the user's, owner-only, so a new named volume mounted there starts
-# with that owner and mode (Docker copies them from the image).
+# The data and backup directories are the user's, owner-only, so a new named volume mounted
+# there starts with that owner and mode (Docker copies them from the image).
 RUN /opt/venv/bin/python -m compileall -q common app sim \
- && install --directory --owner=10001 --group=10001 --mode=0700 /app/data
+ && install --directory --owner=10001 --group=10001 --mode=0700 /app/data /app/backups
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -49,7 +49,7 @@ def main() -> int:
         print(f"app: {error}", file=sys.stderr)
         return 2
     if settings.run_as_user is not None:
-        become(settings.run_as_user, settings.data_dir)  # before anything is opened there
+        become(settings.run_as_user, settings.data_dir, settings.backups)  # before anything is opened there
     logs = report_logged_errors(
         log_config(settings.log_level.value, {"redact_capabilities": RedactCapabilities}), settings
     )

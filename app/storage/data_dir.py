@@ -8,8 +8,8 @@ qdrant-client take no mode of their own). `secure` makes the directory and puts 
 what an older version left group- or world-readable, at every start.
 
 A platform volume may be mounted owned by root (Railway's is), where the image's user
-cannot write. Started as root with `APP_RUN_AS_USER` set, the app gives the directory to
-that user and becomes it before anything else (`become`), so it never runs as root
+cannot write. Started as root with `APP_RUN_AS_USER` set, the app gives the directory (and
+the backup directory) to that user and becomes it before anything else (`become`), so it never runs as root
 (docs/deployment.md#the-volume-and-its-owner).
 
 While an app process keeps its stores in the directory (SQLite, the embedded Qdrant) it
@@ -75,19 +75,20 @@ def claim(directory: Path) -> IO[bytes]:
     return os.fdopen(descriptor, "rb")
 
 
-def become(user: tuple[int, int], directory: Path) -> None:
-    """As root: `directory` and everything in it owned by `user` (uid, gid), then this
-    process runs as that user alone, with no supplementary groups. Not root: nothing to
-    do (the image's own user, or a developer's)."""
+def become(user: tuple[int, int], *directories: Path) -> None:
+    """As root: each of `directories` and everything in it owned by `user` (uid, gid), then
+    this process runs as that user alone, with no supplementary groups. Not root: nothing
+    to do (the image's own user, or a developer's)."""
     if os.geteuid() != 0:
         return
     uid, gid = user
-    directory.mkdir(parents=True, exist_ok=True, mode=DIRECTORY_MODE)
-    top = directory.resolve()
-    os.chown(top, uid, gid)
-    for root, directories, files in os.walk(top):
-        for name in [*directories, *files]:
-            os.chown(Path(root, name), uid, gid, follow_symlinks=False)
+    for directory in directories:
+        directory.mkdir(parents=True, exist_ok=True, mode=DIRECTORY_MODE)
+        top = directory.resolve()
+        os.chown(top, uid, gid)
+        for root, names, files in os.walk(top):
+            for name in [*names, *files]:
+                os.chown(Path(root, name), uid, gid, follow_symlinks=False)
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)
