@@ -32,7 +32,7 @@ from app.outbound.telemetry import OutboundMetrics
 from app.settings import AppSettings, load_settings
 from app.storage import backup, data_dir, restore
 from app.storage.backup import BackupError
-from app.storage.backup_job import AnotherBackupRunning, back_up
+from app.storage.backup_job import AnotherBackupRunning, back_up, upload_snapshot
 from app.storage.data_dir import DataDirInUse
 from app.storage.stores import open_stores
 from app.wiring import open_companion, qdrant_server_client
@@ -140,7 +140,16 @@ def _verify(settings: AppSettings, arguments: argparse.Namespace) -> int:
 
 
 def _restore(settings: AppSettings, arguments: argparse.Namespace) -> int:
-    done = restore.restore(settings, arguments.file)
+    def upload(snapshot: Path) -> None:
+        async def send() -> None:
+            async with _qdrant_server(settings) as qdrant:
+                assert qdrant is not None
+                await upload_snapshot(qdrant, snapshot)
+
+        asyncio.run(send())
+
+    with_server = settings.feature_memory and settings.qdrant_url is not None
+    done = restore.restore(settings, arguments.file, upload if with_server else None)
     print(
         f"restored {done.backup.name} (taken {done.created_at}); what it replaced is kept in {done.replaced}\n"
         "start the app to serve the restored data"

@@ -22,6 +22,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from app.storage import backup
 from tests.app_support import (
@@ -35,7 +39,7 @@ from tests.app_support import (
     start_simulators,
 )
 from tests.processes import PROJECT_ROOT
-from tests.servers import wait_until
+from tests.servers import serve, wait_until
 
 FACTS = {"Ada": "My dog is called Max", "Bob": "My sister lives in Lisbon"}
 
@@ -298,3 +302,80 @@ def test_the_restore_drill_on_postgresql(setup: Setup, database_url: str) -> Non
         messages = api.session(kept)["messages"]
         assert [message["text"] for message in messages if message["role"] == "user"] == said
         assert api.get_session(deleted).status_code == 404
+
+
+@dataclass
+class FakeQdrant:
+    """Qdrant's snapshot API as its documentation gives it, for the one collection: create,
+    download, delete, upload (with `priority=snapshot`); the api-key checked on each."""
+
+    content: bytes
+    key: str
+    uploaded: list[bytes]
+    deleted: list[str]
+
+    def app(self) -> Starlette:
+        snapshots = "/collections/memories/snapshots"
+
+        def authorised(request: Request) -> bool:
+            return request.headers.get("api-key") == self.key
+
+        async def create(request: Request) -> Response:
+            if not authorised(request):
+                return JSONResponse({"status": {"error": "forbidden"}}, status_code=403)
+            return JSONResponse({"result": {"name": "memories-1.snapshot", "size": len(self.content)}, "status": "ok"})
+
+        async def download(request: Request) -> Response:
+            if not authorised(request) or request.path_params["name"] != "memories-1.snapshot":
+                return Response(status_code=404)
+            return Response(self.content, media_type="application/octet-stream")
+
+        async def delete(request: Request) -> Response:
+            self.deleted.append(request.path_params["name"])
+            return JSONResponse({"result": True, "status": "ok"})
+
+        async def upload(request: Request) -> Response:
+            if not authorised(request) or request.query_params.get("priority") != "snapshot":
+                return JSONResponse({"status": {"error": "bad request"}}, status_code=400)
+            form = await request.form()
+            snapshot = form["snapshot"]
+            assert not isinstance(snapshot, str)
+            self.uploaded.append(await snapshot.read())
+            return JSONResponse({"result": True, "status": "ok"})
+
+        return Starlette(
+            routes=[
+                Route(snapshots, create, methods=["POST"]),
+                Route(f"{snapshots}/upload", upload, methods=["POST"]),
+                Route(snapshots + "/{name}", download, methods=["GET"]),
+                Route(snapshots + "/{name}", delete, methods=["DELETE"]),
+            ]
+        )
+
+
+def test_with_a_qdrant_server_its_snapshot_is_backed_up_and_restored(setup: Setup, database_url: str) -> None:
+    fake = FakeQdrant(secrets.token_bytes(100_000), secrets.token_hex(8), [], [])
+    server = serve(fake.app())
+    try:
+        env = {
+            "APP_DATABASE_URL": database_url,
+            "APP_QDRANT_URL": server.url,
+            "APP_QDRANT_API_KEY": fake.key,
+            "APP_FEATURE_MEMORY": "true",
+        }
+        # The tables, made by an app that started once (memory off: it would reach Qdrant).
+        with app_process(setup.logs, setup.env | {"APP_DATABASE_URL": database_url, "APP_FEATURE_MEMORY": "false"}):
+            pass
+        taken = setup.ops("backup", **env)
+        assert taken.returncode == 0, taken.stderr
+        assert fake.deleted == ["memories-1.snapshot"]  # not left on the server
+        [made] = backups_in(setup.data_dir)
+        with tarfile.open(made) as archive:
+            member = archive.extractfile("qdrant/memories.snapshot")
+            assert member is not None
+            assert member.read() == fake.content
+        restored = setup.ops("restore", str(made), **env)
+        assert restored.returncode == 0, restored.stderr
+        assert fake.uploaded == [fake.content]
+    finally:
+        server.stop()

@@ -4,7 +4,8 @@
 One process at a time across everything on the same store (`Checkpoints.only_one`); the
 snapshot itself runs in a thread, so turns go on while it is taken (app/storage/backup.py
 says why the result is consistent anyway). With a Qdrant server the collection's snapshot
-is made by the server and downloaded through the shared outbound transport.
+is made by the server and downloaded (and, for a restore, uploaded) through the shared
+outbound transport.
 """
 
 from __future__ import annotations
@@ -98,9 +99,23 @@ async def back_up_periodically(
         await asyncio.sleep(interval)
 
 
+SNAPSHOTS = f"/collections/{SHARED_COLLECTION}/snapshots"
+
+
+async def upload_snapshot(qdrant: httpx.AsyncClient, snapshot: Path) -> None:
+    """Qdrant's snapshot API: the collection recovered from `snapshot`, in place of what it held."""
+    with snapshot.open("rb") as file:
+        response = await qdrant.post(
+            f"{SNAPSHOTS}/upload",
+            params={"priority": "snapshot", "wait": "true"},
+            files={"snapshot": (snapshot.name, file, "application/octet-stream")},
+        )
+    response.raise_for_status()
+
+
 async def _download_snapshot(qdrant: httpx.AsyncClient, target: Path) -> None:
     """Qdrant's snapshot API: create one of the collection, download it, delete it there."""
-    snapshots = f"/collections/{SHARED_COLLECTION}/snapshots"
+    snapshots = SNAPSHOTS
     created = await qdrant.post(snapshots, params={"wait": "true"})
     created.raise_for_status()
     name = created.json()["result"]["name"]

@@ -10,7 +10,8 @@ restored one, never a mix. Reply audio is left as it is.
 
 PostgreSQL: refused while an app is connected to the database (its connections are named
 `voice-companion-app`). What it replaces is first backed up into APP_BACKUP_DIR like any
-other backup, then `pg_restore --clean --if-exists --single-transaction` loads the dump.
+other backup, then `pg_restore --clean --if-exists --single-transaction` loads the dump and
+a Qdrant server is given the memories' snapshot.
 
 At start-up, `check_at_start` runs SQLite's quick check on the conversation database: a
 corrupt one stops the app with the newest verified backup and the command that restores it,
@@ -24,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,11 +59,12 @@ class Restored:
     replaced: Path  # where what was there before is kept
 
 
-def restore(settings: AppSettings, path: Path) -> Restored:
+def restore(settings: AppSettings, path: Path, upload_snapshot: Callable[[Path], None] | None = None) -> Restored:
     """Puts the backup at `path` in place of the app's data; `BackupError`,
-    `DataDirInUse` or `psycopg.Error` say why not."""
+    `DataDirInUse` or `psycopg.Error` say why not. `upload_snapshot` gives a Qdrant
+    server the memories' snapshot, when the backup has one and memories live there."""
     if settings.database_url is not None:
-        return _restore_postgres(settings, path)
+        return _restore_postgres(settings, path, upload_snapshot)
     with claim(settings.data_dir):
         return _restore_embedded(settings.data_dir, path)
 
@@ -122,7 +125,7 @@ def _restore_embedded(data_dir: Path, path: Path) -> Restored:
     return Restored(path, manifest["created_at"], manifest["sessions"], aside)
 
 
-def _restore_postgres(settings: AppSettings, path: Path) -> Restored:
+def _restore_postgres(settings: AppSettings, path: Path, upload_snapshot: Callable[[Path], None] | None) -> Restored:
     assert settings.database_url is not None
     with tempfile.TemporaryDirectory(dir=settings.backups if settings.backups.is_dir() else None) as unpacked:
         manifest = backup.verify_backup(path, into=Path(unpacked))
@@ -146,6 +149,11 @@ def _restore_postgres(settings: AppSettings, path: Path) -> Restored:
             ],
             environment,
         )
+        snapshot = Path(unpacked) / backup.QDRANT_SNAPSHOT
+        if snapshot.exists() and upload_snapshot is not None:
+            upload_snapshot(snapshot)
+        elif snapshot.exists():
+            logger.warning("the backup's memories were not restored: no Qdrant server is configured (APP_QDRANT_URL)")
     return Restored(path, manifest["created_at"], manifest["sessions"], aside.path)
 
 
