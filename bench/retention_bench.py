@@ -25,7 +25,7 @@ own created on 127.0.0.1:5432 and dropped at the end):
 
 Exit status: 0; 1 when the sweep deleted other than the expired sessions; 2 when the
 benchmark could not run; 130 when interrupted. Run:
-`.venv/bin/python bench/retention_bench.py [--sessions 100000 --json PATH]` (about 3 min).
+`.venv/bin/python bench/retention_bench.py [--sessions 100000 --json PATH]` (about 30 s).
 Results are in docs/benchmarks.md#retention-sweep.
 """
 
