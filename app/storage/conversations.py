@@ -71,9 +71,9 @@ ORDER BY thread_id LIMIT ?"""
 IDLE_POSTGRES = IDLE_SQLITE.replace("?", "%s")
 NEWEST_SQLITE = "SELECT max(checkpoint_id) AS newest FROM checkpoints WHERE thread_id = ? AND checkpoint_ns = ''"
 NEWEST_POSTGRES = NEWEST_SQLITE.replace("?", "%s")
-# Where the tables are: advisory locks are the whole server's, and one database may hold
-# several deployments' tables, one schema each (the tests' do).
-STORE = "SELECT current_database() || '.' || current_schema() AS store"
+# Where the tables are: an advisory lock is the whole database's, and one database may
+# hold several deployments' tables, one schema each (the tests' do).
+STORE = "SELECT current_schema() AS store"
 TRY_LOCK = "SELECT pg_try_advisory_lock(%s) AS held"
 UNLOCK = "SELECT pg_advisory_unlock(%s)"
 # 100-nanosecond intervals from the UUID epoch (1582-10-15) to the Unix epoch.
@@ -222,7 +222,7 @@ class PostgresCheckpoints:
         # Advisory locks belong to the connection's session: it is held until the job ends.
         async with self._lock_pool.connection() as connection:
             store = await (await connection.execute(STORE)).fetchone()
-            key = job_key(f"{store[0] if store else ''}:{job}")
+            key = job_key(str(store[0]) if store else "", job)
             row = await (await connection.execute(TRY_LOCK, (key,))).fetchone()
             if row is None or not row[0]:
                 yield False
@@ -259,8 +259,8 @@ def written_when(checkpoint_id: str) -> float:
     return (UUID(checkpoint_id).time - UUID_EPOCH) / 10_000_000
 
 
-def job_key(job: str) -> int:
-    """The job's advisory lock: a signed 64-bit key, apart from the sessions' (another
-    BLAKE2b person)."""
-    digest = hashlib.blake2b(job.encode(), digest_size=8, person=b"only-one-job").digest()
+def job_key(store: str, job: str) -> int:
+    """The advisory lock of `job` on the tables in schema `store`: a signed 64-bit key,
+    apart from the sessions' (another BLAKE2b person)."""
+    digest = hashlib.blake2b(f"{store}:{job}".encode(), digest_size=8, person=b"only-one-job").digest()
     return int.from_bytes(digest, "big", signed=True)
