@@ -64,7 +64,7 @@ class AudioStore(Protocol):
 
 
 class AudioFiles:
-    """One file per reply under `directory`, created 0600."""
+    """One file per reply under `directory`, created 0600, renamed into place once written."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -75,10 +75,14 @@ class AudioFiles:
     async def save(self, audio: bytes, content_type: str) -> str:
         audio_id = uuid.uuid4().hex
         path = self.directory / f"{audio_id}.{EXTENSIONS.get(content_type, 'bin')}"
-        # Created 0600 from the start: no moment when another user could read it.
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Under a name no request looks for until it is whole; created 0600 from the start:
+        # no moment when another user could read it. One a crash left behind is swept with
+        # the expired audio.
+        partial = path.with_name(f".{path.name}.partial")
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as file:
             file.write(audio)
+        os.replace(partial, path)
         return audio_id
 
     async def find(self, audio_id: str) -> StoredAudio | None:
