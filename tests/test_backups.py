@@ -4,7 +4,7 @@
 The restore drill: sessions with turns and memories, one deleted; a backup taken while the
 app serves; the database deleted - and, separately, corrupted - with the app stopped; the
 backup restored; the app started on it: every session back with its turns and memories, the
-deleted one still deleted.
+deleted one still deleted. And the operations command's sweep.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,6 +259,37 @@ def test_the_commands_explain_themselves_and_fail_clearly(setup: Setup) -> None:
     assert checked.returncode == 0
     assert "sqlite" in checked.stdout
     assert "0 sessions" in checked.stdout
+
+
+def test_the_sweep_command_lists_then_deletes_what_is_past_its_retention(setup: Setup) -> None:
+    with app_process(setup.logs, setup.env) as app, ApiClient(app.url) as api:
+        old = [api.create_session() for _ in range(2)]
+        api.say(old[0], "My dog is called Max")
+        running = setup.ops("sweep", "--dry-run")
+        assert running.returncode == 3, running.stderr  # the app sweeps by itself; one process at a time
+        assert "in use by an app process" in running.stderr
+    time.sleep(5)
+    with app_process(setup.logs, setup.env) as app, ApiClient(app.url) as api:
+        fresh = api.create_session()
+        fresh_at = time.time()
+
+    def retention() -> dict[str, str]:
+        """Long enough for the fresh session still while the command starts, not for the old ones."""
+        return {"APP_SESSION_RETENTION_DAYS": str((time.time() - fresh_at + 4) / 86400)}
+
+    listed = setup.ops("sweep", "--dry-run", **retention())
+    assert listed.returncode == 0, listed.stderr
+    assert "would delete 2 sessions" in listed.stdout
+    assert len([line for line in listed.stdout.splitlines() if line.strip().startswith("session ")]) == 2
+    for session_id in [*old, fresh]:
+        assert session_id not in listed.stdout
+    swept = setup.ops("sweep", **retention())
+    assert swept.returncode == 0, swept.stderr
+    assert "deleted 2 sessions" in swept.stdout
+    assert "would delete 0 sessions" in setup.ops("sweep", "--dry-run", **retention()).stdout
+    with app_process(setup.logs, setup.env) as app, ApiClient(app.url) as api:
+        assert [api.get_session(session_id).status_code for session_id in old] == [404, 404]
+        assert api.get_session(fresh).status_code == 200
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------------------
