@@ -25,7 +25,8 @@ from app.api import docs as api_docs
 from app.api.docs import OPENAPI_URL, build_docs
 from app.api.errors import install_error_handlers
 from app.api.methods import RequestMethods
-from app.api.routes import router
+from app.api.routes import MULTIPART_ALLOWANCE, router
+from app.api.uploads import keep_uploads_in_memory
 from app.companion import Companion
 from app.metrics import AppMetrics, BreakerStates
 from app.observability import RequestContextMiddleware
@@ -118,6 +119,7 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
         },
     )
     install_error_handlers(app)
+    keep_uploads_in_memory(settings.max_audio_bytes + MULTIPART_ALLOWANCE)
     app.include_router(router)
     app.state.page = build_page(page_settings(settings))
     app.state.assets = dict(app.state.page.assets)
