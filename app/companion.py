@@ -37,6 +37,7 @@ from app.metrics import AppMetrics
 from app.settings import AppSettings
 from app.storage.audio import StoredAudio
 from app.storage.conversations import Checkpoints
+from app.storage.full import storage_full
 from app.workflow.graph import TurnGraph
 from app.workflow.nodes import NothingHeard, TranscriptionFailed, now
 from app.workflow.state import Conversation, Services, Turn, TurnContext
@@ -229,7 +230,22 @@ class Companion:
             logger.warning("transcription unavailable: %s", error.reason)
             await self._restore(session_id, before.config)
             raise TranscriptionUnavailable from None
-        await self.checkpoints.keep_latest(session_id)
+        except Exception as failed:
+            if not storage_full(failed):
+                raise
+            # No room for something the turn made (its reply's audio, its state). The run may
+            # still have saved its way out - the person's words without the reply: taken
+            # back, if there is room for that.
+            if (await self.graph.aget_state(_config(session_id))).config != before.config:
+                await self._restore(session_id, before.config)
+            raise
+        try:
+            await self.checkpoints.keep_latest(session_id)
+        except Exception as failed:
+            if not storage_full(failed):
+                raise
+            # The turn is saved whole; the next turn prunes what this one could not.
+            logger.warning("no room to prune the session's older checkpoints after a turn")
         result: Turn = final["turn"]
         self._count(result)
         result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 1)

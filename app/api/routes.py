@@ -1,9 +1,14 @@
 """The API under /api/v1: sessions, turns, reply audio, health and readiness. Everything
-is asked of `Companion` (`app.state.companion`)."""
+is asked of `Companion` (`app.state.companion`). What writes - starting a session, a
+turn, a deletion - is answered 507 `storage_full` when the disk or the database has no
+room for it (`app.storage.full`, docs/app.md#when-the-disk-is-full)."""
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request
@@ -26,7 +31,10 @@ from app.companion import (
 )
 from app.memory.store import MemoryUnavailable
 from app.settings import AppSettings
+from app.storage.full import storage_full
 from app.workflow.state import Conversation
+
+logger = logging.getLogger("app.api")
 
 # The prefix on the router, not on its inclusion: then each route's own path is the whole
 # template, which the server span names (`http.route`) instead of the path with its ids.
@@ -35,6 +43,14 @@ router = APIRouter(prefix="/api/v1")
 # Beyond the audio itself, what a multipart body may carry (boundaries, part headers).
 MULTIPART_ALLOWANCE = 64 * 1024
 TEXT_BODY_LIMIT = 256 * 1024
+
+# A full disk is not freed within seconds: a client asked to come back, not to hammer.
+STORAGE_FULL_RETRY_AFTER_S = 60
+NO_ROOM_FOR_SESSION = "The server has no room to start a conversation right now. Please try again later."
+NO_ROOM_FOR_TURN = (
+    "The server has no room to store this turn right now; nothing you already had is lost. Please try again later."
+)
+NO_ROOM_FOR_DELETION = "The server has no room to finish deleting the conversation right now. Please try again later."
 
 AUDIO_REJECTION_STATUS = {
     "audio_empty": 400,
@@ -58,11 +74,19 @@ def audio_url(audio_id: str | None) -> str | None:
     return f"/api/v1/audio/{audio_id}" if audio_id else None
 
 
-@router.post("/sessions", status_code=201, response_model=models.SessionCreated, tags=["sessions"])
+@router.post(
+    "/sessions",
+    status_code=201,
+    response_model=models.SessionCreated,
+    responses=error_responses(507),
+    tags=["sessions"],
+)
 async def create_session(request: Request) -> models.SessionCreated:
     """Starts a conversation. The session id is unguessable: whoever holds it can continue
-    the conversation, read it and delete it."""
-    session_id, created_at = await companion_of(request).create_session()
+    the conversation, read it and delete it. 507 `storage_full` with `Retry-After` if there
+    is no room to store it."""
+    with _storage_full_answered("a new session", NO_ROOM_FOR_SESSION):
+        session_id, created_at = await companion_of(request).create_session()
     return models.SessionCreated(session_id=session_id, created_at=created_at)
 
 
@@ -86,14 +110,16 @@ async def get_session(session_id: str, request: Request) -> models.Session:
     )
 
 
-@router.delete("/sessions/{session_id}", status_code=204, responses=error_responses(404, 503), tags=["sessions"])
+@router.delete("/sessions/{session_id}", status_code=204, responses=error_responses(404, 503, 507), tags=["sessions"])
 async def delete_session(session_id: str, request: Request) -> Response:
     """Deletes the session with everything it left: conversation state, long-term
     memories and reply audio. A turn under way ends first. 503 if the memory store cannot
     be reached, or the turn under way does not end within APP_TURN_TIMEOUT_S: nothing is
-    deleted then, so that nothing is left behind; try again."""
+    deleted then, so that nothing is left behind; try again. 507 `storage_full` with
+    `Retry-After` if the database has no room to record the deletion: try again later."""
     try:
-        await companion_of(request).delete_session(session_id)
+        with _storage_full_answered("a deletion", NO_ROOM_FOR_DELETION):
+            await companion_of(request).delete_session(session_id)
     except SessionNotFound:
         raise _not_found() from None
     except MemoryUnavailable:
@@ -128,7 +154,7 @@ TURN_REQUEST_BODY = {
     "/sessions/{session_id}/turns",
     response_model=models.TurnResult,
     openapi_extra=TURN_REQUEST_BODY,
-    responses=error_responses(400, 404, 413, 415, 422, 503, 504),
+    responses=error_responses(400, 404, 413, 415, 422, 503, 504, 507),
     tags=["turns"],
 )
 async def take_turn(session_id: str, request: Request, response: Response) -> models.TurnResult:
@@ -147,7 +173,8 @@ async def take_turn(session_id: str, request: Request, response: Response) -> mo
     `transcription_unavailable` (text turns still work); when the language model is
     unavailable, 503 `reply_unavailable` with `Retry-After` - the person's words are kept
     in the session. A turn that takes longer than APP_TURN_TIMEOUT_S gets 504 and leaves
-    the session as it was.
+    the session as it was. When the disk or the database has no room for what the turn
+    makes, 507 `storage_full` with `Retry-After`, and the session as it was.
     """
     companion = companion_of(request)
     settings = companion.settings
@@ -162,7 +189,8 @@ async def take_turn(session_id: str, request: Request, response: Response) -> mo
     else:
         raise ApiError(415, "unsupported_media_type", 'Send JSON {"text": ...} or multipart/form-data with `audio`.')
     try:
-        result = await call
+        with _storage_full_answered("a turn", NO_ROOM_FOR_TURN):
+            result = await call
     except SessionNotFound:
         raise _not_found() from None
     except TranscriptionUnavailable:
@@ -267,6 +295,20 @@ async def _session(request: Request, session_id: str) -> Conversation:
 
 def _not_found() -> ApiError:
     return ApiError(404, "not_found", "There is no such session or audio.")
+
+
+@contextmanager
+def _storage_full_answered(what: str, message: str) -> Iterator[None]:
+    """A full disk or database met within as 507 `storage_full`: `message` says what did not
+    happen, and the envelope nothing else (the error's text may name a file, by its id).
+    One error line, naming what was refused and no id."""
+    try:
+        yield
+    except Exception as error:
+        if not storage_full(error):
+            raise
+        logger.error("no room left to store %s: the disk or the database is full (%s)", what, type(error).__name__)
+        raise ApiError(507, "storage_full", message, headers={"retry-after": str(STORAGE_FULL_RETRY_AFTER_S)}) from None
 
 
 async def _read_capped(request: Request, limit: int) -> bytes:
