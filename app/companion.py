@@ -192,7 +192,7 @@ class Companion:
             outcome = "ok"
             return result
         except Exception as failed:
-            outcome = TURN_OUTCOMES.get(type(failed), "error")
+            outcome = "storage_full" if storage_full(failed) else TURN_OUTCOMES.get(type(failed), "error")
             raise
         finally:
             self.metrics.turns.labels(kind, outcome).inc()

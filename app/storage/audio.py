@@ -80,9 +80,13 @@ class AudioFiles:
         # the expired audio.
         partial = path.with_name(f".{path.name}.partial")
         descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(audio)
-        os.replace(partial, path)
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(audio)
+            os.replace(partial, path)
+        except OSError:  # a full disk: what was written gives its room back now
+            partial.unlink(missing_ok=True)
+            raise
         return audio_id
 
     async def find(self, audio_id: str) -> StoredAudio | None:

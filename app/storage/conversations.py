@@ -133,10 +133,13 @@ class SqliteCheckpoints:
             )
 
     async def keep_latest(self, thread_id: str) -> None:
-        # AsyncSqliteSaver does not implement pruning; checkpoint ids are time-ordered.
-        await self._connection.execute(PRUNE_SQLITE_WRITES, (thread_id, thread_id))
-        await self._connection.execute(PRUNE_SQLITE_CHECKPOINTS, (thread_id, thread_id))
-        await self._connection.commit()
+        # AsyncSqliteSaver does not implement pruning; checkpoint ids are time-ordered. Under
+        # the saver's lock: the connection is shared, and a commit here that fails (a full
+        # disk) would otherwise roll back another turn's save half done.
+        async with self.saver.lock:
+            await self._connection.execute(PRUNE_SQLITE_WRITES, (thread_id, thread_id))
+            await self._connection.execute(PRUNE_SQLITE_CHECKPOINTS, (thread_id, thread_id))
+            await self._connection.commit()
 
     async def idle_threads(self, cutoff: float, after: str, limit: int) -> list[tuple[str, float]]:
         # Read to the end, so that no statement is left open holding a snapshot.

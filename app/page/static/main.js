@@ -346,7 +346,7 @@ function turnFailed(failure, input, item) {
   }
   const retryable = !["audio-rejected", "text-rejected", "rate-limited"].includes(kind);
   showError(kind, {
-    seconds: ["rate-limited", "reply-unavailable", "busy"].includes(kind) ? seconds : null,
+    seconds: ["rate-limited", "reply-unavailable", "busy", "storage-full"].includes(kind) ? seconds : null,
     server: failure.message,
     requestId: kind === "server" ? failure.requestId : null,
     retry: retryable ? again : null,

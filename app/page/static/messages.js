@@ -63,6 +63,11 @@ export const PROBLEMS = {
     help: "It is finishing an earlier request. Try again in {seconds} s.",
     resolved: "You can try again now.",
   },
+  "storage-full": {
+    title: "The companion has no room to save right now",
+    help: "Nothing you already had is lost, but this was not saved. Try again in {seconds} s.",
+    resolved: "You can try again now.",
+  },
   "delete-failed": {
     title: "The conversation could not be deleted",
     help: "Nothing was deleted. Please try again in a moment.",
@@ -81,6 +86,7 @@ export function problemOf(failure) {
   if (failure.code === "reply_unavailable") return "reply-unavailable";
   if (failure.code === "transcription_unavailable") return "transcription-unavailable";
   if (failure.code === "session_busy") return "busy";
+  if (failure.code === "storage_full") return "storage-full";
   if (failure.code.startsWith("audio_") || failure.code === "no_speech") return "audio-rejected";
   if (failure.status === 400 || failure.status === 413 || failure.status === 415 || failure.status === 422) {
     return "text-rejected";
