@@ -9,8 +9,9 @@ costs in time and size at 1,000 and 10,000 sessions, and what restoring it costs
 2. with the companion closed, fills the data directory up to each of `--sessions` in turn:
    the checkpoint rows copied by SQLite itself under new session ids (`INSERT ... SELECT`,
    as bench/retention_bench.py does), and for each copy its template's collection
-   directory copied under the copy's name, with its entry in `qdrant/meta.json` (written
-   once per fill): what qdrant-client's embedded mode keeps on disk, and loads at start;
+   directory copied under the copy's name, with its entry in the embedded Qdrant's
+   `meta.json` (written once per fill): what qdrant-client's embedded mode keeps on disk,
+   and loads at start;
    then opens the companion on it to check that a copied session reads and recalls its
    memories (`companion.services.memory.recall`);
 3. times, `--rounds` times at each size (median, least and greatest):
