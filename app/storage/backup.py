@@ -143,7 +143,8 @@ def verify_backup(path: Path, into: Path | None = None) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         target = into or Path(stack.enter_context(tempfile.TemporaryDirectory(dir=path.parent, prefix=".verify-")))
         try:
-            manifest = _extract(path, target)
+            # Flushed to the disk only for a restore, which renames the files into place.
+            manifest = _extract(path, target, durable=into is not None)
         except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as error:
             raise BackupError(f"{path.name} cannot be read as a backup ({type(error).__name__})") from None
         for name in manifest["files"]:
@@ -196,6 +197,10 @@ def _snapshot_sqlite(source: Path, target: Path) -> None:
         contextlib.closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=rw", uri=True, timeout=30)) as live,
         contextlib.closing(sqlite3.connect(target)) as copy,
     ):
+        # The copy is staging, verified from the archive it goes into: no journal and no
+        # syncs of its own (measured: half of a backup's time over 10,000 collections).
+        copy.execute("PRAGMA journal_mode=OFF")
+        copy.execute("PRAGMA synchronous=OFF")
         live.backup(copy)
     target.chmod(FILE_MODE)
 
@@ -299,7 +304,7 @@ def _rotate(directory: Path, keep: int) -> None:
 # -- reading one ------------------------------------------------------------------------
 
 
-def _extract(path: Path, target: Path) -> dict[str, Any]:
+def _extract(path: Path, target: Path, durable: bool) -> dict[str, Any]:
     with tarfile.open(path, mode="r:gz") as tar:
         members = {member.name: member for member in tar.getmembers()}
         manifest_file = tar.extractfile(members[MANIFEST])
@@ -319,7 +324,7 @@ def _extract(path: Path, target: Path) -> dict[str, Any]:
             destination = target / name
             destination.parent.mkdir(parents=True, exist_ok=True, mode=DIRECTORY_MODE)
             hasher = hashlib.sha256()
-            with new_file(destination) as out:
+            with new_file(destination, durable=durable) as out:
                 while chunk := source.read(CHUNK):
                     hasher.update(chunk)
                     out.write(chunk)
@@ -355,13 +360,14 @@ def _checksum_file(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def new_file(path: Path) -> Iterator[IO[bytes]]:
-    """Created 0600 whatever the umask, flushed to the disk before it is closed."""
+def new_file(path: Path, durable: bool = True) -> Iterator[IO[bytes]]:
+    """Created 0600 whatever the umask; `durable`: flushed to the disk before it is closed."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     with os.fdopen(descriptor, "wb") as file:
         yield file
-        file.flush()
-        os.fsync(file.fileno())
+        if durable:
+            file.flush()
+            os.fsync(file.fileno())
 
 
 def _write_atomically(path: Path, text: str) -> None:
