@@ -5,8 +5,8 @@ docs/benchmarks.md); `valgrind --tool=callgrind` counts the instructions a proce
 which is the same for the same code and input whatever else the machine is doing. The
 edge (`python -m edge`, one worker) runs under callgrind in front of
 `bench/tiny_upstream.py`, configured as one of the proxy benchmark's edges (`--config`:
-`plain`, rate limiting and access log off; `memory` or `redis`, every concern on, rate
-limits in memory or in Redis), and one client sends N sequential keep-alive requests; the
+`plain`, rate limiting and access log off; `plain-metrics`, the same with EDGE_METRICS_PORT;
+`memory` or `redis`, every concern on, rate limits in memory or in Redis), and one client sends N sequential keep-alive requests; the
 count is taken at two N, so start-up and shut-down cancel out:
 
     instructions per request = (I(N2) - I(N1)) / (N2 - N1)
@@ -50,6 +50,8 @@ CONFIGS: dict[str, dict[str, str]] = {
         "EDGE_LOG_LEVEL": "info",
     },
 }
+# The plain edge with its metrics on (bench/metrics_bench.py's other edge): a port of its own.
+CONFIGS["plain-metrics"] = {**CONFIGS["plain"], "EDGE_METRICS_PORT": str(free_port())}
 CONFIGS["redis"] = {
     **CONFIGS["memory"],
     "EDGE_RATE_LIMIT_STORAGE_URL": DEFAULT_REDIS_URL,
