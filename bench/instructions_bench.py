@@ -6,8 +6,9 @@ which is the same for the same code and input whatever else the machine is doing
 edge (`python -m edge`, one worker) runs under callgrind in front of
 `bench/tiny_upstream.py`, configured as one of the proxy benchmark's edges (`--config`:
 `plain`, rate limiting and access log off; `plain-metrics`, the same with EDGE_METRICS_PORT;
-`memory` or `redis`, every concern on, rate limits in memory or in Redis), and one client sends N sequential keep-alive requests; the
-count is taken at two N, so start-up and shut-down cancel out:
+`memory` or `redis`, every concern on, rate limits in memory or in Redis), and one client
+sends N sequential keep-alive requests; the count is taken at two N, so start-up and
+shut-down cancel out:
 
     instructions per request = (I(N2) - I(N1)) / (N2 - N1)
 

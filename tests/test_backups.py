@@ -9,6 +9,7 @@ deleted one still deleted. And the operations command's sweep.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import stat
@@ -224,6 +225,22 @@ def test_backups_are_verified_owner_only_and_tampering_is_found(setup: Setup) ->
     checked = setup.ops("verify", str(made))
     assert checked.returncode == 1, checked.stdout
     assert "not verified" in setup.ops("backups").stdout
+
+
+def test_one_backup_at_a_time(setup: Setup) -> None:
+    with app_process(setup.logs, setup.env) as app, ApiClient(app.url) as api:
+        api.say(api.create_session(), "Hello there")
+    # Another process taking one: it holds the backup lock (as Checkpoints.only_one takes it).
+    descriptor = os.open(setup.data_dir / "backup.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused = setup.ops("backup")
+        assert refused.returncode == 3, refused.stderr
+        assert "another process is taking a backup now" in refused.stderr
+        assert backups_in(setup.data_dir) == []
+    finally:
+        os.close(descriptor)
+    assert setup.ops("backup").returncode == 0
 
 
 def test_the_app_backs_up_on_its_schedule_and_keeps_the_newest(setup: Setup) -> None:
