@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = arguments.run(settings, arguments)
         return status
     except (DataDirInUse, AnotherBackupRunning) as error:
-        print(f"app.ops: {error or 'another process is taking a backup now'}", file=sys.stderr)
+        print(f"app.ops: {error}", file=sys.stderr)
         return REFUSED
     except BackupError as error:
         print(f"app.ops: {error}", file=sys.stderr)

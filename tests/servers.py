@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import random
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -48,11 +50,34 @@ def free_socket() -> socket.socket:
 
 
 def closed_port() -> int:
-    """A loopback port where nothing listens."""
-    sock = free_socket()
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
+    """A port where nothing listens, for a process to bind later. Drawn below the kernel's
+    ephemeral range, from which every outgoing connection meanwhile takes its local port:
+    a port handed out from that range (`bind(0)`) was now and then taken by one before the
+    process bound it (seen: "address already in use" starting a stack). Never the same
+    port twice in one test session."""
+    low = _ephemeral_low()
+    while True:
+        port = _PORTS.randrange(max(1024, low - 15_000), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("0.0.0.0", port))  # free on every address, as a server binds it
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+
+
+_PORTS = random.Random()
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 class ServerThread:

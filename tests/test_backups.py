@@ -285,14 +285,15 @@ def test_the_sweep_command_lists_then_deletes_what_is_past_its_retention(setup: 
         running = setup.ops("sweep", "--dry-run")
         assert running.returncode == 3, running.stderr  # the app sweeps by itself; one process at a time
         assert "in use by an app process" in running.stderr
-    time.sleep(5)
+    time.sleep(12)
     with app_process(setup.logs, setup.env) as app, ApiClient(app.url) as api:
         fresh = api.create_session()
         fresh_at = time.time()
 
     def retention() -> dict[str, str]:
-        """Long enough for the fresh session still while the command starts, not for the old ones."""
-        return {"APP_SESSION_RETENTION_DAYS": str((time.time() - fresh_at + 4) / 86400)}
+        """Long enough for the fresh session still while the command starts (seconds, on a
+        busy machine), never for the old ones (12 s older)."""
+        return {"APP_SESSION_RETENTION_DAYS": str((time.time() - fresh_at + 10) / 86400)}
 
     listed = setup.ops("sweep", "--dry-run", **retention())
     assert listed.returncode == 0, listed.stderr

@@ -144,7 +144,11 @@ def test_the_default_stack_publishes_only_the_edge_on_loopback_and_bounds_every_
         assert float(services[name]["environment"][drain_variable]) == drains[name]
     assert services["edge"]["depends_on"]["app"]["condition"] == "service_healthy"
     assert services["app"]["depends_on"]["sim"]["condition"] == "service_healthy"
-    assert services["app"]["volumes"] == [{"type": "volume", "source": "app-data", "target": "/app/data", "volume": {}}]
+    assert services["app"]["volumes"] == [
+        {"type": "volume", "source": "app-data", "target": "/app/data", "volume": {}},
+        # The backups on a volume of their own (docs/data.md#backups).
+        {"type": "volume", "source": "app-backups", "target": "/app/backups", "volume": {}},
+    ]
     assert config["networks"]["internal"]["internal"] is True
     assert "internal" not in config["networks"]["public"]
 
@@ -474,8 +478,13 @@ def test_the_scaled_stack_adds_the_shared_stores_and_a_second_replica() -> None:
     assert app["APP_DATABASE_URL"].endswith("@postgres:5432/voice")
     assert app["APP_QDRANT_URL"] == "http://qdrant:6333"
     assert services["edge"]["environment"]["EDGE_RATE_LIMIT_STORAGE_URL"] == "redis://redis:6379/0"
-    # Each replica a data directory of its own: not the default stack's shared volume.
-    assert services["app"]["volumes"] == [{"type": "volume", "target": "/app/data"}]
+    # Each replica a data directory of its own: not the default stack's shared volume. The
+    # backups' volume stays, unused: the scaled stack leaves backups to PostgreSQL's own.
+    assert app["APP_BACKUP_INTERVAL_HOURS"] == "0"
+    assert sorted(services["app"]["volumes"], key=lambda volume: volume["target"]) == [
+        {"type": "volume", "source": "app-backups", "target": "/app/backups", "volume": {}},
+        {"type": "volume", "target": "/app/data"},
+    ]
     for name, store in (("redis", "/data"), ("postgres", "/var/lib/postgresql/data"), ("qdrant", "/qdrant/storage")):
         service = services[name]
         image, _, tag = service["image"].rpartition(":")

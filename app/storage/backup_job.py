@@ -41,7 +41,7 @@ async def back_up(settings: AppSettings, checkpoints: Checkpoints, qdrant: httpx
     `BackupError` if it failed. `qdrant`: the Qdrant server's client, when memories live there."""
     async with checkpoints.only_one(JOB) as ours:
         if not ours:
-            raise AnotherBackupRunning
+            raise AnotherBackupRunning("another process is taking a backup now")
         directory, keep = settings.backups, settings.backup_keep
         if settings.database_url is None:
             return await asyncio.to_thread(backup.back_up_embedded, settings.data_dir, directory, keep)
