@@ -55,7 +55,7 @@ from app.settings import AppSettings
 from app.storage import backup, restore
 from app.storage.backup import BackupError
 from bench.retention_bench import companion_on, copies, fill
-from bench.support import MIB, BenchError, Service, clean_env, free_port, log, machine, run_benchmark
+from bench.support import MIB, BenchError, Service, log, machine, run_benchmark, started_simulator
 
 # One fact about the speaker each: the simulator's memory model stores each one.
 FACTS = (
@@ -289,18 +289,7 @@ def settings_for(tmp: Path, sim: Service) -> AppSettings:
 
 
 def run(tmp: Path, cleanup: contextlib.ExitStack, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    port = free_port()
-    sim = Service(
-        "sim",
-        [sys.executable, "-m", "sim"],
-        port,
-        tmp / "sim.log",
-        clean_env(("SIM_",), {"SIM_HOST": "127.0.0.1", "SIM_PORT": str(port), "SIM_MP3_ENCODER": "silent"}),
-        "/_sim/health",
-    )
-    cleanup.callback(sim.stop)
-    sim.start()
-    sim.wait_ready()
+    sim = started_simulator(tmp, cleanup)
     settings = settings_for(tmp, sim)
     templates = asyncio.run(make_templates(settings, args.templates, args.turns))
     sim.stop()  # no turn is taken from here on

@@ -60,7 +60,7 @@ from app.outbound.telemetry import OutboundMetrics
 from app.settings import AppSettings
 from app.storage.conversations import IDLE_SQLITE, UUID_EPOCH, checkpoint_id_at
 from app.wiring import open_companion
-from bench.support import BenchError, Service, clean_env, free_port, log, machine, run_benchmark
+from bench.support import BenchError, Service, log, machine, run_benchmark, started_simulator
 
 POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DAY = 86400.0
@@ -272,18 +272,7 @@ def settings_for(tmp: Path, store: str, sim: Service, database_url: str | None) 
 
 
 def run(tmp: Path, cleanup: contextlib.ExitStack, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
-    port = free_port()
-    sim = Service(
-        "sim",
-        [sys.executable, "-m", "sim"],
-        port,
-        tmp / "sim.log",
-        clean_env(("SIM_",), {"SIM_HOST": "127.0.0.1", "SIM_PORT": str(port), "SIM_MP3_ENCODER": "silent"}),
-        "/_sim/health",
-    )
-    cleanup.callback(sim.stop)
-    sim.start()
-    sim.wait_ready()
+    sim = started_simulator(tmp, cleanup)
     database_url = cleanup.enter_context(postgres_database(f"retention_bench_{secrets.token_hex(4)}"))
     results: dict[str, Any] = {}
     for store, url in (("sqlite", None), ("postgresql", database_url)):

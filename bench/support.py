@@ -207,3 +207,21 @@ class Service:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
         self.proc = None
+
+
+def started_simulator(tmp: Path, cleanup: contextlib.ExitStack) -> Service:
+    """`python -m sim` on a free loopback port (silent MP3s: no encoder's time in a
+    measurement), ready, and stopped when `cleanup` closes."""
+    port = free_port()
+    sim = Service(
+        "sim",
+        [sys.executable, "-m", "sim"],
+        port,
+        tmp / "sim.log",
+        clean_env(("SIM_",), {"SIM_HOST": "127.0.0.1", "SIM_PORT": str(port), "SIM_MP3_ENCODER": "silent"}),
+        "/_sim/health",
+    )
+    cleanup.callback(sim.stop)
+    sim.start()
+    sim.wait_ready()
+    return sim

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import sqlite3
 from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -248,6 +249,21 @@ def app_process(log_dir: Path, env: Mapping[str, str]) -> contextlib.AbstractCon
 def new_port() -> int:
     """A loopback port free right now, for a process to listen on."""
     return closed_port()
+
+
+# -- SQLite --------------------------------------------------------------------------------------------------
+
+
+def sqlite_integrity(database: Path) -> str:
+    """SQLite's check of every page and index ("ok" when sound), from a connection of the
+    test's own: opening the file recovers what a killed process left in the write-ahead
+    log, as the app's own start does."""
+    connection = sqlite3.connect(database)
+    try:
+        rows = connection.execute("PRAGMA integrity_check").fetchall()
+    finally:
+        connection.close()
+    return "\n".join(str(row[0]) for row in rows)
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------------------

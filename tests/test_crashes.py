@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from tests.app_support import (
     app_environment,
     app_process,
     new_port,
+    sqlite_integrity,
 )
 from tests.sim_support import wav_file
 
@@ -121,17 +121,6 @@ def check_whole_turns(messages: list[MessageBody], conversation: Conversation) -
         assert conversation.cut_off.matches(users[-1]), (conversation.cut_off, users[-1])
 
 
-def integrity(database: Path) -> str:
-    """SQLite's check of every page and index. Opening the file recovers what the killed
-    process left in the write-ahead log, as the app's own start does."""
-    connection = sqlite3.connect(database)
-    try:
-        rows = connection.execute("PRAGMA integrity_check").fetchall()
-    finally:
-        connection.close()
-    return "\n".join(str(row[0]) for row in rows)
-
-
 def test_kill_9_during_turns_leaves_whole_turns_and_a_sound_database(sims: Simulators, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     data_dir = tmp_path / "data"
@@ -162,7 +151,7 @@ def test_kill_9_during_turns_leaves_whole_turns_and_a_sound_database(sims: Simul
                     check_round(client, conversation, history, where)
                 if round_number % 2 == 0:
                     # This process recovered the killed one's write-ahead log itself.
-                    assert integrity(database) == "ok", where
+                    assert sqlite_integrity(database) == "ok", where
                 ready = client.get(f"{API}/ready")
                 assert ready.status_code == 200, (where, ready.text)
                 assert ready.json()["checks"] == {"database": "up", "memory": "up"}, (where, ready.text)
@@ -193,7 +182,7 @@ def test_kill_9_during_turns_leaves_whole_turns_and_a_sound_database(sims: Simul
             assert not conversation.failures, (where, conversation.failures)
         assert any(conversation.cut_off for conversation in conversations), f"{where}: the kill cut no turn off"
         if round_number % 2 == 0:
-            assert integrity(database) == "ok", where  # opened here first, before the app's next start
+            assert sqlite_integrity(database) == "ok", where  # opened here first, before the app's next start
 
 
 def check_round(

@@ -43,6 +43,7 @@ from tests.app_support import (
     new_port,
     postgres_schema,
     schema_url,
+    sqlite_integrity,
 )
 from tests.sim_support import wav_file
 
@@ -93,16 +94,6 @@ def fill(filler: Path) -> None:
                     raise
     finally:
         os.close(descriptor)
-
-
-def integrity(database: Path) -> str:
-    """SQLite's own check of every page and index, as another connection sees the file."""
-    connection = sqlite3.connect(database)
-    try:
-        rows = connection.execute("PRAGMA integrity_check").fetchall()
-    finally:
-        connection.close()
-    return "\n".join(str(row[0]) for row in rows)
 
 
 def copy_log_back(database: Path) -> tuple[int, int]:
@@ -204,7 +195,7 @@ def test_a_full_disk_refuses_turns_with_507_keeps_what_was_stored_and_recovers(
                 stored[session_id] = now
             for url, content in audio.items():
                 assert client.get(url).content == content
-            assert integrity(data_dir / "conversations.db") == "ok"
+            assert sqlite_integrity(data_dir / "conversations.db") == "ok"
 
             # A new session is a checkpoint written at once: no room, no session.
             assert_storage_full(client.post_session(), NO_ROOM_FOR_SESSION, data_dir)
@@ -243,7 +234,7 @@ def test_a_full_disk_refuses_turns_with_507_keeps_what_was_stored_and_recovers(
                 assert line["level"] != "error" or line in refusals, line  # no "unhandled error" among them
                 for session_id in [*sessions, doomed]:
                     assert session_id not in json.dumps(line), line
-        assert integrity(data_dir / "conversations.db") == "ok"
+        assert sqlite_integrity(data_dir / "conversations.db") == "ok"
 
 
 # -- PostgreSQL ----------------------------------------------------------------------------------------------

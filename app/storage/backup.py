@@ -156,11 +156,12 @@ def verify_backup(path: Path, into: Path | None = None) -> dict[str, Any]:
         return manifest
 
 
-def integrity_problem(database: Path) -> str | None:
-    """SQLite's quick check of `database`: None when it passes, else what it said."""
+def integrity_problem(database: Path, check: str = "quick_check") -> str | None:
+    """SQLite's `quick_check` (or `integrity_check`) of `database`: None when it passes,
+    else what it said."""
     try:
         with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=rw", uri=True)) as connection:
-            rows = connection.execute("PRAGMA quick_check").fetchall()
+            rows = connection.execute(f"PRAGMA {check}").fetchall()
     except sqlite3.DatabaseError as error:
         return str(error)
     verdict = "; ".join(str(row[0]) for row in rows[:3])
@@ -334,13 +335,9 @@ def _extract(path: Path, target: Path, durable: bool) -> dict[str, Any]:
 
 
 def _check_sqlite(database: Path, name: str) -> None:
-    try:
-        with contextlib.closing(sqlite3.connect(database)) as connection:
-            verdict = connection.execute("PRAGMA integrity_check").fetchone()[0]
-    except sqlite3.DatabaseError as error:
-        raise BackupError(f"{name} in the backup is not a sound database ({error})") from None
-    if verdict != "ok":
-        raise BackupError(f"{name} in the backup fails SQLite's integrity check")
+    problem = integrity_problem(database, "integrity_check")
+    if problem is not None:
+        raise BackupError(f"{name} in the backup fails SQLite's integrity check ({problem})")
 
 
 def _recorded_checksum(path: Path) -> str | None:
