@@ -77,6 +77,7 @@ def build_app(settings: SimSettings) -> Starlette:
             extra={
                 **health,
                 "latency_ms": settings.latency_ms,
+                "profile": settings.profile.value,
                 "groq_key_required": settings.groq_api_key is not None,
                 "elevenlabs_key_required": settings.elevenlabs_api_key is not None,
                 "elevenlabs_max_concurrent": settings.elevenlabs_max_concurrent,

@@ -6,6 +6,10 @@ the schema. Every response carries `request-id` and the concurrency headers
 `current-concurrent-requests` / `maximum-concurrent-requests`; more requests in flight
 than SIM_ELEVENLABS_MAX_CONCURRENT get 429 `too_many_concurrent_requests`.
 
+`/stream` sends the same audio chunked, in pieces of whole MP3 frames (or PCM samples), each
+as it is synthesised under the latency profile (sim/latency.py); a streaming request holds
+its concurrency slot until its last byte.
+
 Audio: `audio/mpeg` for the mp3 formats; `audio/pcm` for the raw PCM formats (16-bit
 little-endian mono, no header), the content type ElevenLabs sends for them. Its OpenAPI
 document lists only `audio/mpeg` for the 200 response, whatever the format.
@@ -23,18 +27,19 @@ from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sim import audio, mp3
-from sim.pipeline import CLIENT_CLOSED, Call, SimState, chunks_of, provider_endpoint
+from sim.latency import Latency, SpeechPace
+from sim.pipeline import CLIENT_CLOSED, Call, PacedStream, SimState, provider_endpoint
 from sim.settings import SimSettings
 
 logger = logging.getLogger("sim.elevenlabs")
 
 MAX_TEXT_CHARACTERS = 5000
 MAX_JSON_BODY = 1024 * 1024
-STREAM_CHUNK_BYTES = 4096
+STREAM_CHUNK_BYTES = 4096  # at most, in whole MP3 frames
 DEFAULT_OUTPUT_FORMAT = "mp3_44100_128"
 MODELS = frozenset(
     {"eleven_multilingual_v2", "eleven_turbo_v2_5", "eleven_flash_v2_5", "eleven_turbo_v2", "eleven_flash_v2"}
@@ -142,6 +147,7 @@ class ElevenLabs:
         self.in_flight = 0
         self.espeak_command = settings.espeak_command if settings.uses_espeak else None
         self.lame_command = settings.lame_command if settings.uses_lame else None
+        self.latency = Latency(settings)
 
     def routes(self) -> list[Route]:
         async def whole(call: Call) -> Response:
@@ -176,6 +182,7 @@ class ElevenLabs:
         if self.api_key is not None and key != self.api_key:
             return self.refuse(refusal(401, "invalid_api_key", "Invalid API key"), rid)
         self.in_flight += 1
+        held = True  # the slot, until the answer is sent (a stream keeps it while it lasts)
         try:
             if self.in_flight > self.max_concurrent:
                 raise refusal(
@@ -190,11 +197,19 @@ class ElevenLabs:
                 return Response(status_code=CLIENT_CLOSED)
             if call.error_status is not None:
                 raise fault_refusal(call.error_status)
-            return await self.synthesise(call, rid, streaming)
+            response = await self.synthesise(call, rid, streaming)
+            if isinstance(response, PacedStream):
+                response.on_close = self.release
+                held = False
+            return response
         except Refusal as error:
             return self.refuse(error, rid)
         finally:
-            self.in_flight -= 1
+            if held:
+                self.release()
+
+    def release(self) -> None:
+        self.in_flight -= 1
 
     def refuse(self, error: Refusal, rid: str) -> JSONResponse:
         return JSONResponse({"detail": error.detail}, error.status, headers=self.headers(rid))
@@ -225,33 +240,56 @@ class ElevenLabs:
         if body.model_id not in MODELS:
             raise refusal(400, "model_not_found", f"A model with model ID {body.model_id} does not exist.")
         try:
-            sound = await asyncio.to_thread(self.render, body.text, output)
+            sound, seconds = await asyncio.to_thread(self.render, body.text, output)
         except (audio.SpeechError, mp3.Mp3Error) as error:
             logger.error("speech synthesis failed", extra={"error": str(error)})
             raise refusal(500, "internal_server_error", "Speech synthesis failed in the simulator.") from None
-        headers = {**self.headers(rid), "character-cost": str(len(body.text))}
-        if call.fault is not None and call.fault.abort_after_bytes is not None:
-            return call.finish(Response(sound, media_type=output.media_type, headers=headers), chunked=streaming)
+        headers = {**self.headers(rid), "character-cost": str(len(body.text)), "content-type": output.media_type}
+        pace = self.latency.speech(body.model_id)
         if streaming:
-            return StreamingResponse(
-                chunks_of(sound, STREAM_CHUNK_BYTES), media_type=output.media_type, headers=headers
-            )
-        return Response(sound, media_type=output.media_type, headers=headers)
+            return PacedStream(paced_audio(sound, seconds, output, pace), headers, call.cut)
+        if not await call.pause(pace.ready_at(seconds)):
+            return Response(status_code=CLIENT_CLOSED)
+        return call.finish(Response(sound, headers=headers))
 
-    def render(self, text: str, output: OutputFormat) -> bytes:
-        """The audio for `text`, in a worker thread: espeak-ng and lame run as processes,
-        and resampling long speech in Python takes a while."""
+    def render(self, text: str, output: OutputFormat) -> tuple[bytes, float]:
+        """The audio for `text` and how long it plays, in a worker thread: espeak-ng and
+        lame run as processes, and resampling long speech in Python takes a while."""
         if output.codec == "pcm":
-            return self.pcm(text, output.rate)
+            pcm = self.pcm(text, output.rate)
+            return pcm, pcm_seconds(pcm, output.rate)
         if self.lame_command is not None:
-            return mp3.lame_mp3(self.pcm(text, output.rate), output.rate, output.kbps, self.lame_command)
+            pcm = self.pcm(text, output.rate)
+            return mp3.lame_mp3(pcm, output.rate, output.kbps, self.lame_command), pcm_seconds(pcm, output.rate)
         if self.espeak_command is not None:
-            seconds = len(self.pcm(text, output.rate)) / (2 * output.rate)
+            seconds = pcm_seconds(self.pcm(text, output.rate), output.rate)
         else:
             seconds = audio.tone_seconds(text)
-        return mp3.silent_mp3(seconds, output.rate, output.kbps)
+        return mp3.silent_mp3(seconds, output.rate, output.kbps), seconds
 
     def pcm(self, text: str, rate: int) -> bytes:
         if self.espeak_command is not None:
             return audio.espeak_pcm(text, rate, self.espeak_command)
         return audio.tone_pcm(text, rate)
+
+
+def pcm_seconds(pcm: bytes, rate: int) -> float:
+    return len(pcm) / (2 * rate)
+
+
+def paced_audio(sound: bytes, seconds: float, output: OutputFormat, pace: SpeechPace) -> list[tuple[float, bytes]]:
+    """The audio in pieces that play on their own (whole MP3 frames, whole PCM samples),
+    each when the audio up to its end is synthesised: the first within the TTFB, the
+    rest at the synthesis speed."""
+    if output.codec == "mp3":
+        pieces = mp3.frame_chunks(sound, STREAM_CHUNK_BYTES)
+    else:  # an even size: whole 16-bit samples
+        pieces = [sound[start : start + STREAM_CHUNK_BYTES] for start in range(0, len(sound), STREAM_CHUNK_BYTES)]
+    seconds_per_byte = seconds / len(sound) if sound else 0.0
+    timed: list[tuple[float, bytes]] = []
+    ready = 0
+    first = len(pieces[0]) if pieces else 0
+    for piece in pieces:
+        ready += len(piece)
+        timed.append((pace.ready_at((ready - first) * seconds_per_byte), piece))
+    return timed

@@ -1,6 +1,6 @@
 """Groq's OpenAI-compatible API, the two endpoints the app uses:
 
-- `POST /openai/v1/chat/completions` (JSON; no streaming);
+- `POST /openai/v1/chat/completions` (JSON, or server-sent events with `stream: true`);
 - `POST /openai/v1/audio/transcriptions` (multipart upload, Whisper models).
 
 Errors come in OpenAI's shape, `{"error": {"message", "type", "code"}}`, every response
@@ -15,7 +15,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
@@ -27,7 +27,8 @@ from starlette.routing import Route
 
 from common.audio import duration_seconds
 from sim import containers, replies
-from sim.pipeline import CLIENT_CLOSED, Call, SimState, provider_endpoint
+from sim.latency import ChatPace, Latency
+from sim.pipeline import CLIENT_CLOSED, Call, PacedStream, SimState, provider_endpoint
 from sim.ratelimit import Budgets
 from sim.settings import SimSettings
 
@@ -50,6 +51,8 @@ MAX_AUDIO_BYTES = 25 * 1024 * 1024  # Groq's cap on an uploaded file (free tier)
 MAX_UPLOAD_BODY = MAX_AUDIO_BYTES + 1024 * 1024  # the file plus the other form fields
 TRANSCRIPTION_FORMATS = frozenset({"json", "text", "verbose_json"})
 CHARACTERS_PER_TOKEN = 4
+SYSTEM_FINGERPRINT = "fp_simulator"
+SSE = "text/event-stream"  # server-sent events
 
 JSON = dict[str, Any]
 
@@ -123,6 +126,7 @@ class Groq:
         self.api_key = settings.groq_api_key.get_secret_value() if settings.groq_api_key else None
         self.state = state
         self.budgets = Budgets(settings.groq_requests_per_minute, settings.groq_tokens_per_minute)
+        self.latency = Latency(settings)
 
     def routes(self) -> list[Route]:
         return [
@@ -164,11 +168,21 @@ class Groq:
             early = await self.answer(call, MAX_JSON_BODY)
             if early is not None:
                 return early
-            return call.finish(self.complete(parse_chat(call.body), rid))
+            chat = parse_chat(call.body)
+            reply = self.complete(chat, rid)
+            if isinstance(reply, Response):
+                return reply
+            pace = self.latency.chat(chat.model)
+            if chat.stream:
+                return PacedStream(reply.events(pace), reply.headers(SSE), call.cut)
+            if not await call.pause(pace.total(reply.completion_tokens)):
+                return Response(status_code=CLIENT_CLOSED)
+            return call.finish(JSONResponse(reply.completion(), headers=reply.headers()))
         except GroqError as error:
             return error_response(error, rid)
 
-    def complete(self, chat: ChatRequest, rid: str) -> Response:
+    def complete(self, chat: ChatRequest, rid: str) -> Reply | Response:
+        """The reply to `chat`, charged to its model's budget; a 429 when it does not fit."""
         self.state.chats.append(replies.context(chat.messages, chat.json_mode))
         content = replies.json_reply(chat.messages) if chat.json_mode else replies.text_reply(chat.messages)
         prompt_tokens = estimate_tokens("".join(m.content for m in chat.messages))
@@ -184,8 +198,7 @@ class Groq:
             content = content[: chat.max_tokens * CHARACTERS_PER_TOKEN]
             completion_tokens = chat.max_tokens
             finish_reason = "length"
-        total = prompt_tokens + completion_tokens
-        verdict = self.budgets.charge(chat.model, total)
+        verdict = self.budgets.charge(chat.model, prompt_tokens + completion_tokens)
         if not verdict.allowed:
             headers = {**verdict.headers, "retry-after": str(verdict.retry_after_seconds)}
             error = GroqError(
@@ -196,28 +209,7 @@ class Groq:
                 error_type=verdict.exhausted,
             )
             return error_response(error, rid, headers)
-        completion = {
-            "id": f"chatcmpl-{uuid.uuid4()}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": chat.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": total,
-            },
-            "system_fingerprint": "fp_simulator",
-            "x_groq": {"id": rid},
-        }
-        return JSONResponse(completion, headers={**verdict.headers, "x-request-id": rid})
+        return Reply(rid, chat.model, content, finish_reason, prompt_tokens, completion_tokens, verdict.headers)
 
     # -- transcriptions ------------------------------------------------------------------------------
 
@@ -234,11 +226,11 @@ class Groq:
     async def transcript(self, call: Call, rid: str) -> Response:
         fields = await parse_form(call)
         try:
-            return await self.transcribe_form(fields, rid)
+            return await self.transcribe_form(call, fields, rid)
         finally:
             await fields.close()
 
-    async def transcribe_form(self, fields: FormData, rid: str) -> Response:
+    async def transcribe_form(self, call: Call, fields: FormData, rid: str) -> Response:
         model = text_field(fields, "model", required=True)
         if model not in TRANSCRIPTION_MODELS:
             raise GroqError(
@@ -293,6 +285,8 @@ class Groq:
                 error_type="requests",
             )
             return error_response(error, rid, headers)
+        if not await call.pause(self.latency.transcription_seconds(model, seconds)):
+            return Response(status_code=CLIENT_CLOSED)
         if response_format == "text":
             return PlainTextResponse(text, headers=headers)
         if response_format == "verbose_json":
@@ -319,6 +313,93 @@ class ChatRequest:
     messages: list[replies.Message]
     json_mode: bool
     max_tokens: int | None
+    stream: bool
+
+
+@dataclass
+class Reply:
+    """A chat completion's answer, sent whole (`completion`) or as server-sent events
+    (`events`): the same content and usage either way."""
+
+    rid: str
+    model: str
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    rate_limit_headers: dict[str, str]
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4()}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def headers(self, content_type: str | None = None) -> dict[str, str]:
+        extra = {} if content_type is None else {"content-type": content_type}
+        return {**self.rate_limit_headers, "x-request-id": self.rid, **extra}
+
+    def usage(self) -> JSON:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def completion(self) -> JSON:
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": self.content},
+                    "logprobs": None,
+                    "finish_reason": self.finish_reason,
+                }
+            ],
+            "usage": self.usage(),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "x_groq": {"id": self.rid},
+        }
+
+    def pieces(self) -> list[str]:
+        """The content in token-sized pieces, one per CHARACTERS_PER_TOKEN characters: as
+        many as `completion_tokens` counts."""
+        size = CHARACTERS_PER_TOKEN
+        return [self.content[start : start + size] for start in range(0, len(self.content), size)]
+
+    def events(self, pace: ChatPace) -> list[tuple[float, bytes]]:
+        """The stream as Groq sends it, each event with its time: the role first (with the
+        first token), one event per token, then the finish reason with the usage in
+        `x_groq.usage` (Groq's timings included), then `[DONE]`."""
+        pieces = self.pieces()
+        first = self.chunk({"role": "assistant", "content": ""}, x_groq={"id": self.rid})
+        events = [(pace.token_at(0), first)]
+        events += [(pace.token_at(index), self.chunk({"content": piece})) for index, piece in enumerate(pieces)]
+        prompt_time = pace.token_at(0)
+        total_time = pace.total(len(pieces))
+        usage = {
+            "queue_time": 0.0,
+            "prompt_time": round(prompt_time, 6),
+            "completion_time": round(total_time - prompt_time, 6),
+            "total_time": round(total_time, 6),
+            **self.usage(),
+        }
+        last = self.chunk({}, self.finish_reason, {"id": self.rid, "usage": usage})
+        events.append((total_time, last + b"data: [DONE]\n\n"))
+        return events
+
+    def chunk(self, delta: JSON, finish_reason: str | None = None, x_groq: JSON | None = None) -> bytes:
+        body: JSON = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if x_groq is not None:
+            body["x_groq"] = x_groq
+        return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
 def estimate_tokens(text: str) -> int:
@@ -369,10 +450,9 @@ def parse_chat(body: bytes) -> ChatRequest:
             raise GroqError(400, f"'messages.{index}.content' : must be a string", param="messages")
         messages.append(replies.Message(role, content))
 
-    if data.get("stream") not in (None, False):
-        if data.get("stream") is not True:
-            raise GroqError(400, "'stream' : must be a boolean", param="stream")
-        raise GroqError(400, "stream=true is not supported by the simulator", "stream_not_supported", "stream")
+    stream = data.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise GroqError(400, "'stream' : must be a boolean", param="stream")
 
     temperature = data.get("temperature")
     if temperature is not None and not (is_number(temperature) and 0 <= temperature <= 2):
@@ -404,7 +484,7 @@ def parse_chat(body: bytes) -> ChatRequest:
                 param="response_format",
             )
         json_mode = kind == "json_object"
-    return ChatRequest(model, messages, json_mode, max_tokens)
+    return ChatRequest(model, messages, json_mode, max_tokens, stream is True)
 
 
 async def parse_form(call: Call) -> FormData:

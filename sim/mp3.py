@@ -124,3 +124,44 @@ def lame_mp3(pcm: bytes, rate: int, kbps: int, command: str) -> bytes:
     if completed.returncode != 0 or not completed.stdout:
         raise Mp3Error(f"lame exited with {completed.returncode}: {completed.stderr[:200]!r}")
     return completed.stdout
+
+
+def frame_length(header: bytes) -> int | None:
+    """The length of the Layer III frame this 4-byte header starts, or None when it is not
+    one (MPEG-1 or MPEG-2, the versions the simulator writes and lame is asked for)."""
+    if len(header) < 4 or header[0] != 0xFF or header[1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (header[1] >> 3) & 0b11, (header[1] >> 1) & 0b11
+    bitrate_index, rate_index = header[2] >> 4, (header[2] >> 2) & 0b11
+    if version not in (0b11, 0b10) or layer != 0b01 or bitrate_index in (0, 15) or rate_index == 3:
+        return None
+    mpeg1 = version == 0b11
+    kbps = (MPEG1_BITRATES if mpeg1 else MPEG2_BITRATES)[bitrate_index]
+    rate = (MPEG1_RATES if mpeg1 else MPEG2_RATES)[rate_index]
+    padded = (header[2] >> 1) & 1
+    return (144 if mpeg1 else 72) * kbps * 1000 // rate + padded
+
+
+def frame_chunks(data: bytes, limit: int) -> list[bytes]:
+    """`data` in pieces of whole frames, each at most `limit` bytes (or a single frame), so
+    that every piece plays and pieces concatenate. Whatever the frame walk cannot read (an
+    encoder's output that is not plain frames) goes whole into the last piece."""
+    units: list[bytes] = []
+    offset = 0
+    while offset < len(data):
+        length = frame_length(data[offset : offset + 4])
+        if length is None or offset + length > len(data):
+            units.append(data[offset:])
+            break
+        units.append(data[offset : offset + length])
+        offset += length
+    chunks: list[bytes] = []
+    current = bytearray()
+    for unit in units:
+        if current and len(current) + len(unit) > limit:
+            chunks.append(bytes(current))
+            current.clear()
+        current += unit
+    if current:
+        chunks.append(bytes(current))
+    return chunks

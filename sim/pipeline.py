@@ -7,7 +7,9 @@
    early if the client hangs up meanwhile (counted as status 499, as nginx logs it);
 5. a queued fault answers instead of the provider, or, with status 200, lets it answer
    (late, or cut after `abort_after_bytes`); a `hang` fault never answers, and the call
-   waits until the client hangs up (499).
+   waits until the client hangs up (499);
+6. the provider works out its answer and takes the latency profile's time for it
+   (`Call.pause`, sim/latency.py), or streams it piece by piece (`PacedStream`).
 
 The body is read before waiting so that a client disconnect is noticed during the wait:
 once the body is consumed, the next `receive()` only returns on a disconnect.
@@ -17,14 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 RouteName = Literal["chat", "transcribe", "speech"]
@@ -179,6 +182,18 @@ class Call:
             return True
         return await sleep_unless_disconnected(self.request.receive, delay)
 
+    async def pause(self, seconds: float) -> bool:
+        """The provider's own working time (the latency profile's); False when the client
+        hung up meanwhile."""
+        if seconds <= 0:
+            return True
+        return await sleep_unless_disconnected(self.request.receive, seconds)
+
+    @property
+    def cut(self) -> int | None:
+        """The body bytes a fault lets through before the connection drops, if it cuts."""
+        return None if self.fault is None else self.fault.abort_after_bytes
+
     @property
     def error_status(self) -> int | None:
         """The status a fault answers with instead of the provider, if it does."""
@@ -189,8 +204,8 @@ class Call:
     def finish(self, response: Response, chunked: bool = False) -> Response:
         """Cuts the response short when the fault says so; `chunked` sends its body without
         a content-length, as the streaming routes do."""
-        if self.fault is not None and self.fault.abort_after_bytes is not None:
-            return AbortingResponse(response, self.fault.abort_after_bytes, chunked)
+        if self.cut is not None:
+            return AbortingResponse(response, self.cut, chunked)
         return response
 
 
@@ -248,8 +263,54 @@ def provider_endpoint(route: RouteName, state: SimState, handler: Endpoint) -> C
     return endpoint
 
 
-async def chunks_of(body: bytes, size: int) -> AsyncIterator[bytes]:
-    """A body as a stream, for the `/stream` routes: chunked, in `size`-byte pieces."""
-    for start in range(0, len(body), size):
-        yield body[start : start + size]
-        await asyncio.sleep(0)
+class PacedStream(StreamingResponse):
+    """A chunked body sent piece by piece, each `(at, data)` piece `at` seconds after the
+    stream starts (as a provider sends what it has made so far); with `cut`, the first
+    `cut` bytes only, then a dropped connection, as `AbortingResponse`. A client that hangs
+    up stops the stream (Starlette listens for the disconnect). `on_close` runs however
+    the stream ends."""
+
+    def __init__(
+        self,
+        pieces: Sequence[tuple[float, bytes]],
+        headers: dict[str, str],
+        cut: int | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(paced(pieces), headers=headers)
+        self.cut = cut
+        self.on_close = on_close
+
+    async def stream_response(self, send: Send) -> None:
+        if self.cut is None:
+            await super().stream_response(send)
+            return
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        sent = 0
+        async for chunk in self.body_iterator:
+            assert isinstance(chunk, bytes)
+            if sent + len(chunk) > self.cut:
+                await send({"type": "http.response.body", "body": chunk[: self.cut - sent], "more_body": True})
+                sent = self.cut
+                break
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sent += len(chunk)
+        raise SimulatedAbort(f"stream cut after {sent} bytes")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+
+async def paced(pieces: Sequence[tuple[float, bytes]]) -> AsyncIterator[bytes]:
+    """Each piece at its time after the first is asked for; on time however long sending
+    the earlier ones took, since the times are kept from one start."""
+    started = time.monotonic()
+    for at, data in pieces:
+        delay = started + at - time.monotonic()
+        # sleep(0) between pieces that are due: other calls are served meanwhile.
+        await asyncio.sleep(max(0.0, delay))
+        yield data

@@ -31,6 +31,14 @@ class Mp3Encoder(StrEnum):
     silent = "silent"
 
 
+class Profile(StrEnum):
+    """How long the simulated providers take (sim/latency.py): `instant` adds nothing,
+    `realistic` takes the providers' published times."""
+
+    instant = "instant"
+    realistic = "realistic"
+
+
 class SimSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SIM_", frozen=True, extra="ignore")
 
@@ -42,6 +50,16 @@ class SimSettings(BaseSettings):
 
     # Added to every provider call, before it is answered; per-route latency adds to it.
     latency_ms: int = Field(0, ge=0, le=600_000)
+
+    # The providers' own working time. The SIM_REALISTIC_* figures are read under `realistic`
+    # only; each one that is set replaces that figure of every model's (docs/simulator.md).
+    profile: Profile = Profile.instant
+    realistic_ttft_ms: int | None = Field(None, ge=0, le=600_000)
+    realistic_tokens_per_second: float | None = Field(None, gt=0, le=1_000_000)
+    realistic_transcription_overhead_ms: int = Field(300, ge=0, le=600_000)
+    realistic_transcription_speed_factor: float | None = Field(None, gt=0, le=1_000_000)
+    realistic_ttfb_ms: int | None = Field(None, ge=0, le=600_000)
+    realistic_synthesis_speed: float | None = Field(None, gt=0, le=1_000_000)
 
     # Unset: any key is accepted (but one must be sent, as the real APIs require).
     groq_api_key: SecretStr | None = None
