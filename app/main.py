@@ -28,6 +28,7 @@ from app.api.methods import RequestMethods
 from app.api.routes import MULTIPART_ALLOWANCE, router
 from app.api.uploads import keep_uploads_in_memory
 from app.companion import Companion
+from app.memory.store import EmbedderMismatch, MemoryStore, MemoryUnavailable
 from app.metrics import AppMetrics, BreakerStates
 from app.observability import RequestContextMiddleware
 from app.outbound import OutboundSettings
@@ -46,6 +47,7 @@ logger = logging.getLogger("app")
 
 SWEEP_INTERVAL_S = 3600.0
 READINESS_SAMPLE_S = 10.0
+RE_EMBED_RETRY_S = 300.0
 
 
 def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> FastAPI:
@@ -67,6 +69,8 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
             sweeper = asyncio.create_task(_sweep_periodically(companion))
             sampler = asyncio.create_task(_sample_readiness(companion, metrics))
             tasks = [sweeper, sampler]
+            if companion.services.memory is not None:
+                tasks.append(asyncio.create_task(_re_embed(companion.services.memory)))
             qdrant = qdrant_server_client(settings, outbound)
             if settings.backup_interval_hours > 0:
                 tasks.append(
@@ -178,3 +182,23 @@ async def _sweep_periodically(companion: Companion) -> None:
         except Exception:  # the sweep must outlive a bad hour; the next one retries
             logger.exception("retention sweep failed")
         await asyncio.sleep(SWEEP_INTERVAL_S)
+
+
+async def _re_embed(memory: MemoryStore) -> None:
+    """From start-up until done: the memories another embedder made, into the current one's
+    space (docs/app.md#upgrading-the-embedder); until then they are not recalled. A pass
+    that fails (the store down, a session deleted under it) is tried again later."""
+    while True:
+        try:
+            count = await memory.re_embed()
+        except EmbedderMismatch as refusal:
+            memory.refuse(str(refusal))
+            logger.error("memory store refused: %s; turns go without memories", refusal)
+            return
+        except MemoryUnavailable:
+            logger.warning("re-embedding the memories of another embedder failed; trying again in 5 minutes")
+            await asyncio.sleep(RE_EMBED_RETRY_S)
+            continue
+        if count:
+            logger.info("memories re-embedded", extra={"memories": count, "embedder": memory.embedder.name})
+        return

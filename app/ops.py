@@ -6,6 +6,7 @@ app (docs/data.md):
     verify FILE         check a backup whole
     restore FILE        put a backup in place of the data (the app stopped)
     sweep [--dry-run]   delete what is past its retention (or list it)
+    re-embed            bring memories another embedder made into the current one's space
 
 Exit status: 0 done; 1 failed (why, on standard error); 2 bad usage or configuration;
 3 refused, as a process holds what it needs (a running app, another backup or sweep).
@@ -26,6 +27,9 @@ import psycopg
 from opentelemetry.trace import NoOpTracer
 from prometheus_client import CollectorRegistry
 
+from app.companion import Companion
+from app.memory.embedding import EmbedderUnavailable
+from app.memory.store import EmbedderMismatch, MemoryUnavailable
 from app.metrics import AppMetrics
 from app.outbound import Outbound, OutboundSettings
 from app.outbound.telemetry import OutboundMetrics
@@ -55,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataDirInUse, AnotherBackupRunning) as error:
         print(f"app.ops: {error}", file=sys.stderr)
         return REFUSED
+    except EmbedderUnavailable as error:
+        print(f"app.ops: {error}", file=sys.stderr)
+        return USAGE
     except BackupError as error:
         print(f"app.ops: {error}", file=sys.stderr)
         if error.detail:
@@ -107,6 +114,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     command.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
     command.set_defaults(run=_sweep)
+    command = commands.add_parser(
+        "re-embed",
+        help="re-embed memories another embedder made",
+        description=(
+            "Re-embed, from their stored text, the memories made by an embedder other than APP_MEMORY_EMBEDDER's "
+            "(the app does it at start-up too). With the embedded Qdrant only while the app is stopped."
+        ),
+    )
+    command.set_defaults(run=_re_embed)
     return parser
 
 
@@ -159,11 +175,7 @@ def _restore(settings: AppSettings, arguments: argparse.Namespace) -> int:
 
 def _sweep(settings: AppSettings, arguments: argparse.Namespace) -> int:
     async def run() -> int:
-        metrics = AppMetrics.build(CollectorRegistry())
-        opened = open_companion(
-            settings, load(OutboundSettings), NoOpTracer(), metrics, OutboundMetrics.build(CollectorRegistry())
-        )
-        async with opened as (companion, _):
+        async with _companion(settings) as companion:
             report = await companion.sweep(dry_run=arguments.dry_run)
         if report.held_elsewhere:
             print("app.ops: another process is sweeping now: nothing done", file=sys.stderr)
@@ -176,6 +188,41 @@ def _sweep(settings: AppSettings, arguments: argparse.Namespace) -> int:
 
     with data_dir.claim(settings.data_dir) if settings.keeps_data_locally else contextlib.nullcontext():
         return asyncio.run(run())
+
+
+def _re_embed(settings: AppSettings, arguments: argparse.Namespace) -> int:
+    if not settings.feature_memory:
+        print("app.ops: long-term memory is off (APP_FEATURE_MEMORY): nothing to re-embed", file=sys.stderr)
+        return USAGE
+
+    async def run() -> int:
+        async with _companion(settings) as companion:
+            memory = companion.services.memory
+            assert memory is not None
+            if memory.refusal is not None:
+                print(f"app.ops: {memory.refusal}", file=sys.stderr)
+                return FAILED
+            try:
+                count = await memory.re_embed()
+            except (EmbedderMismatch, MemoryUnavailable) as error:
+                print(f"app.ops: re-embedding failed: {error}", file=sys.stderr)
+                return FAILED
+        print(f"re-embedded {count} memories with {memory.embedder.name}")
+        return DONE
+
+    with data_dir.claim(settings.data_dir) if settings.keeps_data_locally else contextlib.nullcontext():
+        return asyncio.run(run())
+
+
+@contextlib.asynccontextmanager
+async def _companion(settings: AppSettings) -> AsyncIterator[Companion]:
+    """The app's companion, without telemetry: for what the command does through it."""
+    metrics = AppMetrics.build(CollectorRegistry())
+    opened = open_companion(
+        settings, load(OutboundSettings), NoOpTracer(), metrics, OutboundMetrics.build(CollectorRegistry())
+    )
+    async with opened as (companion, _):
+        yield companion
 
 
 @contextlib.asynccontextmanager

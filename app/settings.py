@@ -11,7 +11,7 @@ switch off is not opened at all (docs/app.md#feature-flags).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
@@ -87,8 +87,10 @@ class AppSettings(OtelSettings):
     speech_model: str = "eleven_flash_v2_5"
     speech_output_format: str = "mp3_44100_128"
 
+    # all-MiniLM-L6-v2 understands paraphrases; `hashing` matches wording only (no model).
+    memory_embedder: Literal["all-MiniLM-L6-v2", "hashing"] = "all-MiniLM-L6-v2"
     memory_recall_limit: int = Field(5, ge=1, le=50)
-    memory_duplicate_similarity: float = Field(0.9, gt=0, le=1)
+    memory_duplicate_similarity: float = Field(0.97, gt=0, le=1)
     summarise_after_messages: int = Field(30, ge=6, le=1000)
     keep_recent_messages: int = Field(10, ge=2, le=100)
     session_retention_days: float = Field(7.0, gt=0)

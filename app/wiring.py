@@ -8,6 +8,7 @@ through the companion (the sweep).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,8 +18,8 @@ from opentelemetry.trace import Tracer
 from qdrant_client import AsyncQdrantClient
 
 from app.companion import Companion
-from app.memory.embedding import HashingEmbedder
-from app.memory.store import MemoryStore, MemoryUnavailable
+from app.memory.embedding import embedder_named
+from app.memory.store import EmbedderMismatch, MemoryStore, MemoryUnavailable
 from app.metrics import AppMetrics
 from app.outbound import Outbound, OutboundSettings
 from app.outbound.telemetry import OutboundMetrics
@@ -85,9 +86,11 @@ def _xi_key(settings: AppSettings) -> dict[str, str]:
 
 
 async def _open_memory(settings: AppSettings, outbound: Outbound) -> MemoryStore:
+    # Loaded once per process (`python -m app` has loaded it before it serves).
+    embedder = await asyncio.to_thread(embedder_named, settings.memory_embedder)
     memory = MemoryStore(
         _qdrant(settings, outbound),
-        HashingEmbedder(),
+        embedder,
         duplicate_similarity=settings.memory_duplicate_similarity,
         server=settings.qdrant_url is not None,
     )
@@ -95,6 +98,9 @@ async def _open_memory(settings: AppSettings, outbound: Outbound) -> MemoryStore
         await memory.setup()
     except MemoryUnavailable:
         logger.warning("memory store unavailable at start-up; turns go without memories until it is back")
+    except EmbedderMismatch as refusal:
+        memory.refuse(str(refusal))
+        logger.error("memory store refused: %s; turns go without memories", refusal)
     return memory
 
 

@@ -463,7 +463,7 @@ def test_memory_store_down_degrades_the_turn(sims: Simulators, tmp_path: Path) -
 
                 ready = client.get(f"{API}/ready")
                 assert ready.status_code == 200, ready.text  # the memory store does not fail readiness
-                assert ready.json()["checks"] == {"database": "up", "memory": "down"}
+                assert ready.json()["checks"] == {"database": "up", "memory": "down", "embedder": "up"}
                 assert set(ready.json()["breakers"]) == {"groq", "elevenlabs", "qdrant"}, ready.text
                 assert_no_address(ready.text, qdrant_port, sims.groq.port, sims.elevenlabs.port)
         finally:
@@ -563,7 +563,7 @@ def test_two_app_processes_share_sessions_through_postgresql(sims: Simulators, t
 
                     for ready in (on_a.get(f"{API}/ready"), on_b.get(f"{API}/ready")):
                         assert ready.status_code == 200, ready.text
-                        assert ready.json()["checks"] == {"database": "up", "memory": "up"}
+                        assert ready.json()["checks"] == {"database": "up", "memory": "up", "embedder": "up"}
                 finally:
                     deleted = on_a.delete_session(session_id)
                 assert deleted.status_code == 204, deleted.text
@@ -717,7 +717,7 @@ def test_health_and_readiness(api: ApiClient, sims: Simulators, tmp_path: Path) 
         assert ready.status_code == 200, ready.text
         body = ready.json()
         assert body["status"] == "ready"
-        assert body["checks"] == {"database": "up", "memory": "up"}
+        assert body["checks"] == {"database": "up", "memory": "up", "embedder": "up"}
         # Public: the outside services by name, never where they are.
         assert set(body["breakers"]) == {"groq", "elevenlabs"}, body
         assert set(body["breakers"].values()) <= {"closed", "open", "half_open"}

@@ -154,7 +154,10 @@ def test_kill_9_during_turns_leaves_whole_turns_and_a_sound_database(sims: Simul
                     assert sqlite_integrity(database) == "ok", where
                 ready = client.get(f"{API}/ready")
                 assert ready.status_code == 200, (where, ready.text)
-                assert ready.json()["checks"] == {"database": "up", "memory": "up"}, (where, ready.text)
+                assert ready.json()["checks"] == {"database": "up", "memory": "up", "embedder": "up"}, (
+                    where,
+                    ready.text,
+                )
             if round_number == ROUNDS:
                 break
 

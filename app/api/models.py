@@ -114,7 +114,7 @@ class Readiness(BaseModel):
             "examples": [
                 {
                     "status": "ready",
-                    "checks": {"database": "up", "memory": "up"},
+                    "checks": {"database": "up", "memory": "up", "embedder": "up"},
                     "breakers": {"groq": "closed", "elevenlabs": "closed"},
                     "features": {"memory": True, "speech": True, "summaries": True, "api_docs": False},
                 }
@@ -123,8 +123,9 @@ class Readiness(BaseModel):
     )
 
     status: Literal["ready", "unavailable"]
-    checks: dict[Literal["database", "memory"], Literal["up", "down"]] = Field(
-        description="A real query on each store in use: `memory` only with long-term memory on."
+    checks: dict[Literal["database", "memory", "embedder"], Literal["up", "down"]] = Field(
+        description="A real query on each store in use: `memory` only with long-term memory on; with it, "
+        "`embedder`: the embedding model is loaded and the memory store's vectors are of its size."
     )
     breakers: dict[Dependency, Literal["closed", "open", "half_open"]] = Field(
         description="Circuit-breaker state per outside service, by name (`qdrant` only with long-term memory "

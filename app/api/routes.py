@@ -258,11 +258,14 @@ async def ready(request: Request) -> Response:
     fail readiness - turns degrade without them."""
     companion = companion_of(request)
     readiness = await companion.readiness()
-    checks: dict[Literal["database", "memory"], Literal["up", "down"]] = {
+    checks: dict[Literal["database", "memory", "embedder"], Literal["up", "down"]] = {
         "database": "up" if readiness.database else "down"
     }
-    if readiness.memory is not None:
+    memory = companion.services.memory
+    if readiness.memory is not None and memory is not None:
         checks["memory"] = "up" if readiness.memory else "down"
+        # Loaded before the app served; down when the store holds vectors it cannot use.
+        checks["embedder"] = "up" if memory.refusal is None else "down"
     settings = companion.settings
     body = models.Readiness(
         status="ready" if readiness.database else "unavailable",
