@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import os
+
+# Before numpy is first imported (the memory store's embedder): one BLAS thread, as
+# `python -m app` runs it; more spin on a shared machine (docs/app.md#the-embedder).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from collections.abc import Iterator
 
 import httpx

@@ -305,7 +305,8 @@ def test_the_build_context_holds_only_the_code_and_the_locks(images: Images) -> 
         )  # fmt: skip
     finally:
         run(shutil.which("docker") or "docker", "image", "rm", "--force", listing)
-    assert "['app', 'common', 'config', 'edge', 'requirements', 'sim'] ['app.lock', 'edge.lock'] False" in output
+    locks = "['app.lock', 'edge.lock', 'model.lock']"
+    assert f"['app', 'common', 'config', 'edge', 'requirements', 'sim'] {locks} False" in output
 
 
 @dataclass
@@ -360,6 +361,44 @@ def test_the_smoke_test_passes_through_the_published_edge(stack: Stack) -> None:
     completed = run(sys.executable, PROJECT_ROOT / "scripts" / "smoke.py", stack.url, timeout=300)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert len(completed.stdout.splitlines()) == 8, completed.stdout
+
+
+# Sessions of turns at once, straight to the app on the internal network (the edge's rate
+# limit would count them all as one client): each turn recalls, replies, speaks and stores
+# a fact, embedding two sentences.
+LOAD_SCRIPT = """
+import concurrent.futures, json, urllib.request
+def post(path, body=None):
+    request = urllib.request.Request('http://app:8000' + path, data=json.dumps(body or {}).encode(),
+                                     headers={'content-type': 'application/json'}, method='POST')
+    with urllib.request.urlopen(request, timeout=120) as answer:
+        return json.load(answer)
+def person(number):
+    session = post('/api/v1/sessions')['session_id']
+    for turn in range(6):
+        post(f'/api/v1/sessions/{session}/turns', {'text': f'My friend number {turn} lives in town {number}.'})
+    return 6
+with concurrent.futures.ThreadPoolExecutor(12) as pool:
+    print(sum(pool.map(person, range(12))))
+"""
+
+
+@needs_engine
+def test_the_app_stays_within_its_memory_limit_under_load(stack: Stack) -> None:
+    """The sentence model loaded, 72 turns of 12 sessions at once: the app container's peak
+    memory (its cgroup's `memory.peak`) stays well within its limit."""
+    limit = stack.container("app")["HostConfig"]["Memory"]
+    started = time.monotonic()
+    turns = stack.compose("exec", "-T", "edge", "python", "-c", LOAD_SCRIPT, timeout=600).strip()
+    seconds = time.monotonic() - started
+    assert turns == "72"
+    peak = int(stack.compose("exec", "-T", "app", "cat", "/sys/fs/cgroup/memory.peak").strip())
+    current = int(stack.compose("exec", "-T", "app", "cat", "/sys/fs/cgroup/memory.current").strip())
+    measured(
+        f"app under load: 72 turns of 12 sessions at once in {seconds:.1f} s, memory peak {peak / 2**20:.0f} MiB, "
+        f"now {current / 2**20:.0f} MiB, limit {limit / 2**20:.0f} MiB"
+    )
+    assert 0 < peak < 0.8 * limit  # below ContainerMemoryHigh's 80 %
 
 
 @needs_engine
