@@ -6,6 +6,13 @@ words to answer - is rolled back to the checkpoint from before it, since LangGra
 saves what a stopped run had done. When the language model is down the run still ends
 normally, keeping the user's words without a reply.
 
+The run stops once the reply is spoken (app/workflow/graph.py) and the turn is answered;
+what only the next turn needs - the memory extraction and the running summary - is run by
+a task of its own after it, still holding the session: the session's next turn (or its
+deletion) waits for it, and sees its results. That work has its own time
+(APP_REMEMBER_BUDGET_S + APP_SUMMARISE_BUDGET_S); whatever of it fails is skipped, as it
+always was, and `settled()` waits for all of it (the app's shutdown does).
+
 Turns of one session, and its deletion, run one at a time: in the process (an asyncio
 lock), then across the replicas sharing a PostgreSQL database (`Checkpoints.hold`,
 docs/app.md#several-replicas). Waiting counts against the turn's time: a turn that cannot
@@ -16,6 +23,7 @@ everything of this class and reaches past it into no store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -118,6 +126,7 @@ class Companion:
         self.settings: AppSettings = services.settings
         self._breaker_states = breaker_states
         self._turn_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._after_turns: set[asyncio.Task[None]] = set()
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -183,12 +192,23 @@ class Companion:
         try:
             await self.session(session_id)
             deadline = self._deadline()
+            held = AsyncExitStack()
             try:
-                async with self._one_at_a_time(session_id, deadline):
-                    result = await self._run_turn(session_id, deadline, text, audio, audio_format)
+                await held.enter_async_context(self._one_at_a_time(session_id, deadline))
             except SessionBusy:
                 logger.warning("turn timed out waiting for the session's turn under way")
                 raise TurnTimedOut from None
+            try:
+                result, answered = await self._run_turn(session_id, deadline, text, audio, audio_format)
+            except BaseException:
+                await held.aclose()
+                raise
+            if answered:  # the session stays held until the work after the answer is done
+                task = asyncio.create_task(self._after_the_answer(session_id, held))
+                self._after_turns.add(task)
+                task.add_done_callback(self._after_turns.discard)
+            else:
+                await held.aclose()
             outcome = "ok"
             return result
         except Exception as failed:
@@ -205,7 +225,8 @@ class Companion:
         text: str | None,
         audio: bytes | None,
         audio_format: AudioFormat | None,
-    ) -> TurnResult:
+    ) -> tuple[TurnResult, bool]:
+        """The turn's result, and whether its run stopped after the answer with work left."""
         turn: Turn = {"turn_id": uuid.uuid4().hex, "degraded": [], "timings_ms": {}}
         if text is not None:
             turn["text"] = text
@@ -251,7 +272,7 @@ class Companion:
         result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 1)
         if result.get("reply_unavailable"):
             raise ReplyUnavailable(result.get("retry_after", 5.0))
-        return TurnResult(
+        answered = TurnResult(
             turn_id=result["turn_id"],
             transcript=result.get("transcript", ""),
             reply=result.get("reply", ""),
@@ -259,6 +280,46 @@ class Companion:
             degraded=list(result["degraded"]),
             timings_ms=result["timings_ms"],
         )
+        return answered, True
+
+    async def _after_the_answer(self, session_id: str, held: AsyncExitStack) -> None:
+        """Resumes the turn's run after its answer - remember, summarise - and then lets the
+        session go. Each step skips what fails; a run that cannot finish in its time keeps
+        what it did (LangGraph saves it) and the next turn starts afresh."""
+        async with held:
+            settings = self.settings
+            budget = settings.remember_budget_s + settings.summarise_budget_s
+            deadline = asyncio.get_running_loop().time() + budget
+            answered: Turn = (await self.graph.aget_state(_config(session_id))).values["turn"]
+            try:
+                async with asyncio.timeout_at(deadline):
+                    final: dict[str, Any] = await self.graph.ainvoke(
+                        None, _config(session_id), context=TurnContext(self.services, deadline), durability="exit"
+                    )
+            except TimeoutError:
+                logger.warning("the work after a turn's answer ran out of time; skipped")
+                return
+            except Exception as failed:
+                if not storage_full(failed):
+                    logger.exception("the work after a turn's answer failed; skipped")
+                    return
+                logger.warning("no room to save the work after a turn's answer (the memory, the summary); skipped")
+                return
+            finally:
+                with contextlib.suppress(Exception):  # the next turn prunes what this cannot
+                    await self.checkpoints.keep_latest(session_id)
+            turn: Turn = final["turn"]
+            for stage in set(turn["timings_ms"]) - set(answered["timings_ms"]):
+                self.metrics.stage_duration.labels(stage).observe(turn["timings_ms"][stage] / 1000)
+            for degradation in set(turn["degraded"]) - set(answered["degraded"]):
+                self.metrics.degradations.labels(degradation).inc()
+            if turn.get("remembered"):
+                self.metrics.memories_written.inc()
+
+    async def settled(self) -> None:
+        """Returns once the work after every answered turn is done (or skipped)."""
+        while self._after_turns:
+            await asyncio.gather(*self._after_turns, return_exceptions=True)
 
     def _count(self, turn: Turn) -> None:
         for stage, milliseconds in turn["timings_ms"].items():
@@ -266,8 +327,6 @@ class Companion:
         for degradation in turn["degraded"]:
             self.metrics.degradations.labels(degradation).inc()
         self.metrics.memories_recalled.inc(len(turn.get("memories", ())))
-        if turn.get("remembered"):
-            self.metrics.memories_written.inc()
 
     async def _restore(self, session_id: str, before: RunnableConfig) -> None:
         """Puts the session back as it was before a turn that did not finish: LangGraph saves

@@ -86,6 +86,7 @@ def create_app(settings: AppSettings, outbound_settings: OutboundSettings) -> Fa
             try:
                 yield
             finally:
+                await companion.settled()  # the work after the last answers, before the stores close
                 if metrics_server is not None:
                     metrics_server.close()
                 registry.unregister(breakers)

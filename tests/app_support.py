@@ -212,6 +212,7 @@ class AppThread:
         """The memories the session can recall: every one, the search ranking them all."""
         memory = self.companion.services.memory
         assert memory is not None, "long-term memory is off"
+        self.run(self.companion.settled())  # the last turn's memory is written after its answer
         return len(self.run(memory.recall(session_id, "anything at all", 1000)))
 
     def stop(self) -> None:

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +102,15 @@ def converse(api: ApiClient) -> Conversations:
     return Conversations(sessions, turns, deleted)
 
 
+def wait_for_memories(data_dir: Path, sessions: Iterable[str]) -> None:
+    """A turn's memory is written after its answer: until each session's collection is on disk."""
+    deadline = time.monotonic() + 30
+    for session_id in sessions:
+        while not (data_dir / "qdrant" / "collection" / f"memories-{session_id}" / "storage.sqlite").exists():
+            assert time.monotonic() < deadline, "a session's memory was never written"
+            time.sleep(0.05)
+
+
 def assert_all_back(api: ApiClient, sims: Simulators, conversations: Conversations) -> None:
     for session_id, said in conversations.turns.items():
         messages = api.session(session_id)["messages"]
@@ -120,6 +129,7 @@ def backups_in(data_dir: Path) -> list[Path]:
 def test_the_restore_drill_after_the_database_is_deleted(setup: Setup) -> None:
     with app_process(setup.logs, setup.env) as app, ApiClient(app.url) as api:
         conversations = converse(api)
+        wait_for_memories(setup.data_dir, conversations.sessions.values())
         taken = setup.ops("backup")  # online: the app keeps serving
         assert taken.returncode == 0, taken.stderr
         later = api.create_session()  # after the backup: not in it
@@ -149,6 +159,7 @@ def test_the_restore_drill_after_the_database_is_deleted(setup: Setup) -> None:
 def test_a_corrupt_database_stops_the_start_unless_restoring_is_asked_for(setup: Setup) -> None:
     with app_process(setup.logs, setup.env) as app, ApiClient(app.url) as api:
         conversations = converse(api)
+        wait_for_memories(setup.data_dir, conversations.sessions.values())
         assert setup.ops("backup").returncode == 0
     [made] = backups_in(setup.data_dir)
     corrupt(setup.data_dir / "conversations.db")
@@ -198,7 +209,9 @@ def test_a_restore_is_refused_while_the_app_runs_and_keeps_the_data(setup: Setup
 
 def test_backups_are_verified_owner_only_and_tampering_is_found(setup: Setup) -> None:
     with app_process(setup.logs, setup.env) as app, ApiClient(app.url) as api:
-        api.say(api.create_session(), "My dog is called Max")
+        session_id = api.create_session()
+        api.say(session_id, "My dog is called Max")
+        wait_for_memories(setup.data_dir, [session_id])
     assert setup.ops("backup").returncode == 0
     [made] = backups_in(setup.data_dir)
     directory = made.parent

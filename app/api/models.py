@@ -89,10 +89,11 @@ class TurnResult(BaseModel):
     reply: str
     audio_url: str | None = Field(description="The reply as speech; null when speech synthesis was unavailable.")
     degraded: list[str] = Field(
-        description="What was skipped because it failed: `memory` (no memories recalled or stored), `speech` "
-        "(no audio), `summary` (the conversation summary was not updated). A feature switched off is not listed."
+        description="What was skipped because it failed: `memory` (no memories recalled), `speech` (no audio). "
+        "What runs after the answer (remembering, summarising) is not reported here. A feature switched off is "
+        "not listed."
     )
-    timings_ms: dict[str, float] = Field(description="Milliseconds spent in each step, and in total.")
+    timings_ms: dict[str, float] = Field(description="Milliseconds spent in each step up to the answer, and in total.")
 
 
 class Liveness(BaseModel):

@@ -1,4 +1,10 @@
-"""The turn graph, compiled with a checkpointer: one thread per session."""
+"""The turn graph, compiled with a checkpointer: one thread per session.
+
+A run stops after `speak` (a static interrupt): what the person waits for - the words,
+the reply, its speech - is done, and the turn is answered. Resuming the thread (input
+`None`) runs the work that only the next turn needs: `remember` and `summarise`
+(`Companion`, docs/app.md#a-turn).
+"""
 
 from __future__ import annotations
 
@@ -27,4 +33,8 @@ def build_graph(checkpointer: BaseCheckpointSaver[str]) -> TurnGraph:
     graph.add_edge("speak", "remember")
     graph.add_edge("remember", "summarise")
     graph.add_edge("summarise", END)
-    return graph.compile(checkpointer=checkpointer)
+    return graph.compile(checkpointer=checkpointer, interrupt_after=AFTER_THE_ANSWER)
+
+
+# The last step whose result the person is waiting for.
+AFTER_THE_ANSWER = ["speak"]
