@@ -48,7 +48,7 @@ from app.storage.conversations import Checkpoints
 from app.storage.full import storage_full
 from app.workflow.graph import TurnGraph
 from app.workflow.nodes import NothingHeard, TranscriptionFailed, now
-from app.workflow.state import Conversation, Services, Turn, TurnContext
+from app.workflow.state import Conversation, Services, Turn, TurnContext, TurnEvents
 
 logger = logging.getLogger("app.companion")
 
@@ -127,6 +127,7 @@ class Companion:
         self._breaker_states = breaker_states
         self._turn_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._after_turns: set[asyncio.Task[None]] = set()
+        self._streamed_turns: set[asyncio.Task[TurnResult]] = set()
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -185,7 +186,10 @@ class Companion:
         text: str | None = None,
         audio: bytes | None = None,
         audio_format: AudioFormat | None = None,
+        events: TurnEvents | None = None,
     ) -> TurnResult:
+        """One turn; with `events`, a streaming one, told each step's results as they come
+        (`stream_turn`)."""
         kind = "text" if text is not None else "voice"
         started = time.perf_counter()
         outcome = "error"
@@ -199,7 +203,7 @@ class Companion:
                 logger.warning("turn timed out waiting for the session's turn under way")
                 raise TurnTimedOut from None
             try:
-                result, answered = await self._run_turn(session_id, deadline, text, audio, audio_format)
+                result, answered = await self._run_turn(session_id, deadline, text, audio, audio_format, events)
             except BaseException:
                 await held.aclose()
                 raise
@@ -225,6 +229,7 @@ class Companion:
         text: str | None,
         audio: bytes | None,
         audio_format: AudioFormat | None,
+        events: TurnEvents | None,
     ) -> tuple[TurnResult, bool]:
         """The turn's result, and whether its run stopped after the answer with work left."""
         turn: Turn = {"turn_id": uuid.uuid4().hex, "degraded": [], "timings_ms": {}}
@@ -234,7 +239,7 @@ class Companion:
         if not before.values.get("session_id"):  # deleted while this turn waited
             raise SessionNotFound
         started = time.perf_counter()
-        context = TurnContext(self.services, deadline, audio=audio, audio_format=audio_format)
+        context = TurnContext(self.services, deadline, audio=audio, audio_format=audio_format, events=events)
         try:
             async with asyncio.timeout_at(deadline):
                 final: dict[str, Any] = await self.graph.ainvoke(
@@ -282,6 +287,34 @@ class Companion:
         )
         return answered, True
 
+    async def stream_turn(
+        self,
+        session_id: str,
+        *,
+        text: str | None = None,
+        audio: bytes | None = None,
+        audio_format: AudioFormat | None = None,
+    ) -> AsyncIterator[tuple[str, dict[str, Any] | TurnResult]]:
+        """A turn as its events: `transcript`, `reply` deltas, `audio` chunks, then `done`
+        with the result; a failure raises as `take_turn` does, after the events before it.
+        The turn runs in a task of its own: a consumer that goes away (the client hung up)
+        does not stop it, and it completes - words, reply and speech saved - or rolls back
+        as any turn does."""
+        queue: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+
+        def tell(name: str, data: dict[str, Any]) -> None:
+            queue.put_nowait((name, data))
+
+        turn = asyncio.create_task(
+            self.take_turn(session_id, text=text, audio=audio, audio_format=audio_format, events=tell)
+        )
+        self._streamed_turns.add(turn)
+        turn.add_done_callback(self._streamed_turns.discard)
+        turn.add_done_callback(lambda _: queue.put_nowait(None))
+        while (event := await queue.get()) is not None:
+            yield event
+        yield "done", await turn
+
     async def _after_the_answer(self, session_id: str, held: AsyncExitStack) -> None:
         """Resumes the turn's run after its answer - remember, summarise - and then lets the
         session go. Each step skips what fails; a run that cannot finish in its time keeps
@@ -317,9 +350,10 @@ class Companion:
                 self.metrics.memories_written.inc()
 
     async def settled(self) -> None:
-        """Returns once the work after every answered turn is done (or skipped)."""
-        while self._after_turns:
-            await asyncio.gather(*self._after_turns, return_exceptions=True)
+        """Returns once every streamed turn whose client went away, and the work after every
+        answered turn, is done (or skipped)."""
+        while self._streamed_turns or self._after_turns:
+            await asyncio.gather(*self._streamed_turns, *self._after_turns, return_exceptions=True)
 
     def _count(self, turn: Turn) -> None:
         for stage, milliseconds in turn["timings_ms"].items():

@@ -37,6 +37,7 @@ from common.logs import request_id_var
 from common.redaction import redact
 
 logger = logging.getLogger("app.api")
+INTERNAL_ERROR = "Something went wrong on our side. Please try again."
 
 propagator = TraceContextTextMapPropagator()
 
@@ -129,9 +130,7 @@ class RequestContextMiddleware:
                     "headers": [(b"content-type", b"application/json")],
                 }
             )
-            body = envelope(
-                "internal_error", "Something went wrong on our side. Please try again.", request_id_var.get()
-            )
+            body = envelope("internal_error", INTERNAL_ERROR, request_id_var.get())
             await send_tracking({"type": "http.response.body", "body": body})
         finally:
             # The router leaves the route it matched in the scope (FastAPI's APIRoute does).

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -27,12 +28,16 @@ from app.companion import (
     SessionBusy,
     SessionNotFound,
     TranscriptionUnavailable,
+    TurnResult,
     TurnTimedOut,
 )
 from app.memory.store import MemoryUnavailable
+from app.observability import INTERNAL_ERROR
 from app.settings import AppSettings
 from app.storage.full import storage_full
 from app.workflow.state import Conversation
+from common.envelope import envelope
+from common.logs import request_id_var
 
 logger = logging.getLogger("app.api")
 
@@ -157,7 +162,7 @@ TURN_REQUEST_BODY = {
     responses=error_responses(400, 404, 413, 415, 422, 503, 504, 507),
     tags=["turns"],
 )
-async def take_turn(session_id: str, request: Request, response: Response) -> models.TurnResult:
+async def take_turn(session_id: str, request: Request, response: Response) -> models.TurnResult | StreamingResponse:
     """One turn of the conversation: the person speaks (or types), the companion answers.
 
     Send either JSON `{"text": "..."}` (1 to APP_MAX_TEXT_CHARS characters after trimming)
@@ -179,20 +184,54 @@ async def take_turn(session_id: str, request: Request, response: Response) -> mo
     companion = companion_of(request)
     settings = companion.settings
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    turn_input: dict[str, Any]
     if content_type == "application/json":
-        text = await _text_turn(request, settings)
-        call = companion.take_turn(session_id, text=text)
+        turn_input = {"text": await _text_turn(request, settings)}
     elif content_type == "multipart/form-data":
         audio = await _voice_turn_audio(request, settings)
         audio_format, _ = _inspect(audio, settings)
-        call = companion.take_turn(session_id, audio=audio, audio_format=audio_format)
+        turn_input = {"audio": audio, "audio_format": audio_format}
     else:
         raise ApiError(415, "unsupported_media_type", 'Send JSON {"text": ...} or multipart/form-data with `audio`.')
+    if _wants_events(request):
+        await _session(request, session_id)  # an unknown session is a 404, not a stream
+        return StreamingResponse(
+            _turn_events(companion.stream_turn(session_id, **turn_input)),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
     try:
-        with _storage_full_answered("a turn", NO_ROOM_FOR_TURN):
-            result = await call
+        with _turn_refusals():
+            result = await companion.take_turn(session_id, **turn_input)
     except SessionNotFound:
         raise _not_found() from None
+    # The stages where browsers' developer tools and the edge's access log show them.
+    response.headers["server-timing"] = ", ".join(f"{stage};dur={ms:g}" for stage, ms in result.timings_ms.items())
+    return _turn_document(result)
+
+
+def _turn_document(result: TurnResult) -> models.TurnResult:
+    return models.TurnResult(
+        turn_id=result.turn_id,
+        transcript=result.transcript,
+        reply=result.reply,
+        audio_url=audio_url(result.audio_id),
+        degraded=result.degraded,
+        timings_ms=result.timings_ms,
+    )
+
+
+def _wants_events(request: Request) -> bool:
+    accepted = (part.split(";")[0].strip().lower() for part in request.headers.get("accept", "").split(","))
+    return "text/event-stream" in accepted
+
+
+@contextmanager
+def _turn_refusals() -> Iterator[None]:
+    """A turn that could not be answered, as the error the API answers it with."""
+    try:
+        with _storage_full_answered("a turn", NO_ROOM_FOR_TURN):
+            yield
     except TranscriptionUnavailable:
         raise ApiError(
             503,
@@ -211,16 +250,30 @@ async def take_turn(session_id: str, request: Request, response: Response) -> mo
         ) from None
     except TurnTimedOut:
         raise ApiError(504, "turn_timeout", "The reply took too long; nothing was changed. Please try again.") from None
-    # The stages where browsers' developer tools and the edge's access log show them.
-    response.headers["server-timing"] = ", ".join(f"{stage};dur={ms:g}" for stage, ms in result.timings_ms.items())
-    return models.TurnResult(
-        turn_id=result.turn_id,
-        transcript=result.transcript,
-        reply=result.reply,
-        audio_url=audio_url(result.audio_id),
-        degraded=result.degraded,
-        timings_ms=result.timings_ms,
-    )
+
+
+async def _turn_events(events: AsyncIterator[tuple[str, dict[str, Any] | TurnResult]]) -> AsyncIterator[bytes]:
+    """A streaming turn as server-sent events (docs/app.md#the-streaming-turn): each step's
+    results as they come, then `done` with the JSON turn's document, or `error` with the
+    envelope its refusal would have had."""
+    try:
+        with _turn_refusals():
+            async for name, data in events:
+                if isinstance(data, TurnResult):
+                    data = _turn_document(data).model_dump(mode="json")
+                yield _event(name, orjson.dumps(data))
+    except ApiError as refused:
+        yield _event("error", envelope(refused.code, refused.message, request_id_var.get(), refused.details))
+    except SessionNotFound:  # deleted while the turn waited for it
+        gone = _not_found()
+        yield _event("error", envelope(gone.code, gone.message, request_id_var.get()))
+    except Exception:
+        logger.exception("streaming turn failed")
+        yield _event("error", envelope("internal_error", INTERNAL_ERROR, request_id_var.get()))
+
+
+def _event(name: str, data: bytes) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
 
 
 @router.get(

@@ -88,6 +88,15 @@ class ElevenLabs:
             await response.aclose()
 
 
+def content_type_of(output_format: str) -> str:
+    """The media type of an output format's audio (`mp3_44100_128` is MP3): what
+    `speak_stream` sends, known before it starts."""
+    codec = output_format.split("_", 1)[0]
+    return {"mp3": "audio/mpeg", "pcm": "audio/pcm", "ulaw": "audio/basic", "opus": "audio/ogg"}.get(
+        codec, "application/octet-stream"
+    )
+
+
 def _check(text: str) -> None:
     if not text or len(text) > MAX_CHARACTERS:
         raise ProviderRejected(PROVIDER, "text must be 1 to 5000 characters")

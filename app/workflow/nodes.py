@@ -13,6 +13,9 @@ A turn that repeats the kept words (the page's "Try again") is not added a secon
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
 import time
 from datetime import UTC, datetime
@@ -21,9 +24,12 @@ from typing import Any
 from langgraph.runtime import Runtime
 
 from app.memory.store import MemoryUnavailable
+from app.providers.elevenlabs import content_type_of
 from app.providers.errors import ProviderError
+from app.providers.groq import ChatMessage
 from app.workflow import prompts
-from app.workflow.state import Conversation, Degradation, Message, Turn, TurnContext
+from app.workflow.sentences import Sentences
+from app.workflow.state import Conversation, Degradation, Message, SpokenReply, Turn, TurnContext
 
 # When the language model is down and nobody said when to come back.
 DEFAULT_RETRY_AFTER = 5.0
@@ -77,6 +83,8 @@ async def transcribe(state: Conversation, runtime: Runtime[TurnContext]) -> dict
     else:
         transcript = turn.get("text", "")
     timed_turn = timed(turn, "transcribe", started, transcript=transcript)
+    if context.events is not None:
+        context.events("transcript", {"text": transcript})
     if _unanswered(state, transcript):
         # The same words again after `reply_unavailable` kept them: a retry, answered once.
         return {"turn": timed_turn}
@@ -118,11 +126,81 @@ async def reply(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str,
     recent = messages[start:]
     prompt = prompts.reply_prompt(state.get("summary", ""), recent, turn.get("memories", []))
     try:
-        text = await services.groq.chat(settings.chat_model, prompt, deadline=context.time_for(settings.reply_budget_s))
+        if context.events is None:
+            text = await services.groq.chat(
+                settings.chat_model, prompt, deadline=context.time_for(settings.reply_budget_s)
+            )
+        else:
+            text = await _reply_and_speak(prompt, context)
     except ProviderError as error:
         retry_after = error.retry_after if error.retry_after is not None else DEFAULT_RETRY_AFTER
         return {"turn": timed(turn, "reply", started, reply_unavailable=True, retry_after=retry_after)}
     return {"turn": timed(turn, "reply", started, reply=text)}
+
+
+async def _reply_and_speak(prompt: list[ChatMessage], context: TurnContext) -> str:
+    """A streaming turn's reply: each delta told as it comes, and each sentence spoken as
+    soon as it is complete, by one synthesis at a time beside the model's stream (sentence
+    n is spoken while n+1 is written). The speech is kept in `context.spoken` for `speak`
+    to store. A model that fails, even mid-reply, is the reply's failure; speech that fails
+    stops the speaking, and the reply goes on as text."""
+    services, settings = context.services, context.services.settings
+    assert context.events is not None
+    events = context.events
+    speech: asyncio.Queue[str | None] = asyncio.Queue()
+    speaker = None
+    if settings.feature_speech:
+        context.spoken = SpokenReply(content_type_of(settings.speech_output_format))
+        speaker = asyncio.create_task(_speak_sentences(speech, context.spoken, context))
+    sentences = Sentences()
+    parts: list[str] = []
+    try:
+        stream = services.groq.chat_stream(
+            settings.chat_model, prompt, deadline=context.time_for(settings.reply_budget_s)
+        )
+        async with contextlib.aclosing(stream) as deltas:
+            async for delta in deltas:
+                parts.append(delta)
+                events("reply", {"delta": delta})
+                for sentence in sentences.push(delta):
+                    speech.put_nowait(sentence)
+        for sentence in sentences.end():
+            speech.put_nowait(sentence)
+        speech.put_nowait(None)
+        if speaker is not None:
+            await speaker
+    finally:
+        if speaker is not None and not speaker.done():
+            speaker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await speaker
+    return "".join(parts)
+
+
+async def _speak_sentences(sentences: asyncio.Queue[str | None], spoken: SpokenReply, context: TurnContext) -> None:
+    settings, events = context.services.settings, context.events
+    assert events is not None
+    while (sentence := await sentences.get()) is not None:
+        if spoken.failed:
+            continue  # drain: the reply goes on as text
+        try:
+            stream = context.services.elevenlabs.speak_stream(
+                sentence,
+                voice_id=settings.elevenlabs_voice_id,
+                model=settings.speech_model,
+                output_format=settings.speech_output_format,
+                deadline=context.time_for(settings.speak_budget_s),
+            )
+            async with contextlib.aclosing(stream) as pieces:
+                audio = b"".join([piece async for piece in pieces])
+        except ProviderError:
+            spoken.failed = True
+            continue
+        events(
+            "audio",
+            {"seq": len(spoken.chunks), "content_type": spoken.content_type, "data": base64.b64encode(audio).decode()},
+        )
+        spoken.chunks.append(audio)
 
 
 def after_reply(state: Conversation) -> str:
@@ -139,6 +217,12 @@ async def speak(state: Conversation, runtime: Runtime[TurnContext]) -> dict[str,
     update: dict[str, Any] = {"messages": [message], "updated_at": message["at"]}
     if not settings.feature_speech:
         return update
+    if context.spoken is not None:  # spoken already, as the reply streamed
+        if context.spoken.failed or not context.spoken.chunks:
+            return {**update, "turn": timed(turn, "speak", started, degraded=degrade(turn, "speech"))}
+        audio_id = await services.audio.save(b"".join(context.spoken.chunks), context.spoken.content_type)
+        message["audio_id"] = audio_id
+        return {**update, "turn": timed(turn, "speak", started, audio_id=audio_id)}
     try:
         audio, content_type = await services.elevenlabs.speak(
             text,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import operator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Literal, NotRequired, TypedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NotRequired, TypedDict
 
 if TYPE_CHECKING:
     from app.audio import AudioFormat
@@ -66,14 +67,31 @@ class Services:
     audio: AudioStore
 
 
+# A streaming turn's events as they happen: (name, data), docs/app.md#the-streaming-turn.
+TurnEvents = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class SpokenReply:
+    """A streamed reply's speech, sentence by sentence as it was sent; `failed` once
+    synthesis failed (what was sent of it is not kept)."""
+
+    content_type: str
+    chunks: list[bytes] = field(default_factory=list)
+    failed: bool = False
+
+
 @dataclass
 class TurnContext:
-    """Per-run, never checkpointed. `deadline`: the event loop's time when the turn is up."""
+    """Per-run, never checkpointed. `deadline`: the event loop's time when the turn is up.
+    `events`: set for a streaming turn, which the steps tell what they have as they have it."""
 
     services: Services
     deadline: float
     audio: bytes | None = None
     audio_format: AudioFormat | None = None
+    events: TurnEvents | None = None
+    spoken: SpokenReply | None = None
 
     def time_for(self, budget: float) -> float:
         """The deadline of a step's provider call, in seconds: its budget, or what is left of
