@@ -159,7 +159,19 @@ TURN_REQUEST_BODY = {
     "/sessions/{session_id}/turns",
     response_model=models.TurnResult,
     openapi_extra=TURN_REQUEST_BODY,
-    responses=error_responses(400, 404, 413, 415, 422, 503, 504, 507),
+    responses={
+        200: {
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "description": "With `Accept: text/event-stream`: the turn as server-sent events - "
+                    "`transcript`, `reply` deltas, `audio` chunks, then `done` (this document) or `error` "
+                    "(the envelope).",
+                }
+            }
+        },
+        **error_responses(400, 404, 413, 415, 422, 503, 504, 507),
+    },
     tags=["turns"],
 )
 async def take_turn(session_id: str, request: Request, response: Response) -> models.TurnResult | StreamingResponse:
@@ -174,12 +186,18 @@ async def take_turn(session_id: str, request: Request, response: Response) -> mo
 
     The answer has the transcript, the reply, and the reply as speech (`audio_url`, null
     if speech synthesis was unavailable). `degraded` lists what was skipped: `memory`,
-    `speech`, `summary`. When the transcriber is unavailable a voice turn gets 503
+    `speech`. When the transcriber is unavailable a voice turn gets 503
     `transcription_unavailable` (text turns still work); when the language model is
     unavailable, 503 `reply_unavailable` with `Retry-After` - the person's words are kept
     in the session. A turn that takes longer than APP_TURN_TIMEOUT_S gets 504 and leaves
     the session as it was. When the disk or the database has no room for what the turn
     makes, 507 `storage_full` with `Retry-After`, and the session as it was.
+
+    With `Accept: text/event-stream` the turn streams as server-sent events: `transcript`
+    `{"text"}`, `reply` `{"delta"}` as the model writes, `audio` `{"seq", "content_type",
+    "data"}` (base64, one playable MP3 per sentence, while the next is written), then `done`
+    with this same document, or `error` with the envelope a refusal above would have had.
+    What is refused before the turn starts (bad input, unknown session) keeps its status.
     """
     companion = companion_of(request)
     settings = companion.settings
