@@ -1,11 +1,13 @@
 // The voice page: states, controls and the conversation (docs/page.md).
 //
 // States: idle, recording, sending, thinking, speaking, error, offline - announced in the
-// status region. One turn at a time: while one is under way, talking and sending wait.
+// status region. One turn at a time: while one is under way, talking and sending wait -
+// but for a streamed turn whose reply is already being spoken: talking (or sending) then
+// interrupts it (barge-in), and its stream is abandoned (the app completes the turn).
 
 import * as api from "/assets/api.js";
 import { PROBLEMS, problemOf } from "/assets/messages.js";
-import { canSpeak, Player } from "/assets/player.js";
+import { canSpeak, ChunkPlayer, Player } from "/assets/player.js";
 import { MicrophoneError, microphonePermission, Recorder, recordingUnavailable } from "/assets/recorder.js";
 import { forgetSession, savedSession, saveSession } from "/assets/session.js";
 
@@ -65,7 +67,7 @@ const page = {
   starting: false, // the microphone is being opened
   stopRequested: false, // let go before the microphone was open
   sessionId: savedSession(),
-  abort: null,
+  turn: null, // the turn under way: {abort, audio (chunks came), reply (its streaming bubble), interrupted}
   blockedUntil: 0, // a 429's Retry-After
   retry: null, // what "Try again" sends again
   errorTimer: null,
@@ -75,12 +77,45 @@ const page = {
   talkNote: "", // why talking may not work here, told before the first press
 };
 
-const player = new Player({
+const playback = {
   onPlaying: () => setState("speaking"),
   onStopped: () => {
     if (page.state === "speaking") setState("idle");
   },
-});
+};
+const player = new Player(playback);
+// Streamed turns where the browser has what they need; the JSON turn elsewhere.
+const streaming = api.canStream();
+const chunks = new ChunkPlayer(playback);
+
+function unlockPlayback() {
+  player.unlock();
+  if (streaming) chunks.unlock();
+}
+
+function stopPlayback() {
+  player.stop();
+  chunks.stop();
+}
+
+/** A streamed reply is being spoken: talking or sending now interrupts it. */
+function interruptible() {
+  return Boolean(page.turn?.audio) && chunks.playing;
+}
+
+/** Barge-in: the streamed turn's playback stops at once and its stream is abandoned. */
+function interrupt() {
+  const turn = page.turn;
+  if (turn && interruptible()) {
+    turn.interrupted = true;
+    page.turn = null;
+    page.busy = false;
+    stopWaiting();
+    turn.abort.abort();
+  }
+  stopPlayback();
+}
+
 const recorder = new Recorder({ onLevel: (level) => (ui.meter.style.width = `${Math.round(level * 100)}%`) });
 
 // -- states and controls -----------------------------------------------------------------
@@ -99,7 +134,7 @@ function toggleMode() {
 function updateControls() {
   const recording = recorder.recording || page.starting;
   const cooling = Date.now() < page.blockedUntil;
-  const unavailable = page.offline || page.busy || cooling;
+  const unavailable = page.offline || (page.busy && !interruptible()) || cooling;
   ui.talk.disabled = unavailable && !recording;
   ui.send.disabled = unavailable || recording;
   ui.deleteConversation.disabled = page.busy || !page.sessionId;
@@ -175,7 +210,15 @@ ui.errorRetry.addEventListener("click", () => {
 
 // -- the conversation ----------------------------------------------------------------------
 
-function addMessage(role, text, { audioUrl = null, degraded = [], note = "" } = {}) {
+function addMessage(role, text, options = {}) {
+  const item = messageItem(role, text, options);
+  ui.log.append(item);
+  updateControls();
+  item.scrollIntoView({ block: "nearest" });
+  return item;
+}
+
+function messageItem(role, text, { audioUrl = null, degraded = [], note = "", playable = true } = {}) {
   const item = document.createElement("div");
   item.className = `message ${role}`;
   const who = document.createElement("span");
@@ -187,10 +230,26 @@ function addMessage(role, text, { audioUrl = null, degraded = [], note = "" } = 
   const remark = document.createElement("span");
   remark.className = "note";
   item.append(who, words, remark);
-  ui.log.append(item);
   setNote(item, note);
-  if (role === "companion") addPlayback(item, text, audioUrl, degraded);
+  if (role === "companion" && playable) addPlayback(item, text, audioUrl, degraded);
+  return item;
+}
+
+// A reply as it streams: its text grows as the deltas come. Hidden from assistive technology
+// until it is whole (the log would announce every delta): then it is replaced by the reply's
+// message, which the log announces once.
+function streamingReply() {
+  const item = messageItem("companion", "", { playable: false });
+  item.setAttribute("aria-hidden", "true");
+  item.classList.add("streaming");
+  ui.log.append(item);
   updateControls();
+  return item;
+}
+
+function replaceReply(streamed, text, options) {
+  const item = messageItem("companion", text, options);
+  streamed.replaceWith(item);
   item.scrollIntoView({ block: "nearest" });
   return item;
 }
@@ -210,6 +269,7 @@ function addPlayback(item, text, audioUrl, degraded) {
   // Without audio from the app, the browser's own voice reads the reply.
   button.textContent = audioUrl ? "Replay" : "Play reply";
   button.addEventListener("click", async () => {
+    chunks.stop();
     if (!audioUrl) {
       player.speak(text);
       return;
@@ -267,19 +327,23 @@ async function takeTurn(input, item) {
   if (page.busy) return;
   page.busy = true;
   clearError();
-  const abort = new AbortController();
-  page.abort = abort;
+  const turn = { abort: new AbortController(), audio: false, reply: null, interrupted: false };
+  page.turn = turn;
   setState("sending");
   startWaiting();
-  const options = {
-    timeoutMs: TURN_ABORT_MS,
-    signal: abort.signal,
-    onUploaded: () => page.state === "sending" && setState("thinking"),
+  const thinking = () => page.state === "sending" && setState("thinking");
+  const options = { timeoutMs: TURN_ABORT_MS, signal: turn.abort.signal };
+  const attempt = async () => {
+    const id = await session();
+    if (!streaming) {
+      return { result: await api.takeTurn(id, input, { ...options, onUploaded: thinking }), streamed: false };
+    }
+    return api.streamTurn(id, input, { ...options, onAnswered: thinking, on: streamed(turn, item) });
   };
   try {
-    let result;
+    let answer;
     try {
-      result = await api.takeTurn(await session(), input, options);
+      answer = await attempt();
     } catch (failure) {
       if (failure.status !== 404) throw failure;
       // The conversation expired (or was deleted elsewhere): this turn starts a new one.
@@ -289,29 +353,83 @@ async function takeTurn(input, item) {
       clearConversation();
       ui.log.append(kept);
       setState("thinking", "The earlier conversation had ended; starting a new one");
-      result = await api.takeTurn(await session(), input, options);
+      answer = await attempt();
+    }
+    await answered(turn, item, answer);
+  } catch (failure) {
+    if (turn.interrupted) {
+      // What was said of the reply stays; the app keeps it whole (shown on a reload).
+      const said = turn.reply?.querySelector(".text").textContent;
+      if (said) replaceReply(turn.reply, said, { note: "Interrupted", playable: false });
+      else turn.reply?.remove();
+      return;
     }
     stopWaiting();
-    page.busy = false;
-    item.querySelector(".text").textContent = result.transcript;
-    item.classList.remove("failed");
-    setNote(item, "");
-    addMessage("companion", result.reply, { audioUrl: result.audio_url, degraded: result.degraded });
-    setState("idle", result.audio_url ? "Ready" : "Reply shown as text");
-    if (result.audio_url) await playReply(result.audio_url);
-  } catch (failure) {
-    stopWaiting();
+    if (turn.audio) chunks.stop();
+    turn.reply?.remove();
     page.busy = false;
     turnFailed(failure, input, item);
   } finally {
-    page.busy = false;
-    page.abort = null;
+    if (page.turn === turn) {
+      page.busy = false;
+      page.turn = null;
+    }
     updateControls();
   }
 }
 
+// The streamed turn's events before its end: the transcript, the reply as it grows, its audio.
+function streamed(turn, item) {
+  return {
+    transcript: ({ text }) => {
+      item.querySelector(".text").textContent = text;
+    },
+    reply: ({ delta }) => {
+      if (!turn.reply) {
+        stopWaiting();
+        turn.reply = streamingReply();
+      }
+      turn.reply.querySelector(".text").append(delta);
+      turn.reply.scrollIntoView({ block: "nearest" });
+    },
+    audio: ({ seq, data }) => {
+      if (!turn.audio) {
+        turn.audio = true;
+        chunks.begin();
+      }
+      chunks.add(seq, data);
+    },
+  };
+}
+
+async function answered(turn, item, { result, streamed }) {
+  stopWaiting();
+  page.busy = false;
+  item.querySelector(".text").textContent = result.transcript;
+  item.classList.remove("failed");
+  setNote(item, "");
+  const options = { audioUrl: result.audio_url, degraded: result.degraded };
+  if (turn.reply) replaceReply(turn.reply, result.reply, options);
+  else addMessage("companion", result.reply, options);
+  if (streamed && turn.audio) {
+    if (chunks.refused) {
+      chunks.stop();
+      offerPlay();
+      return;
+    }
+    chunks.finish();
+    if (page.state !== "speaking") setState("idle", "Ready");
+    return;
+  }
+  setState("idle", result.audio_url ? "Ready" : "Reply shown as text");
+  if (result.audio_url) await playReply(result.audio_url);
+}
+
 async function playReply(url) {
-  if (await player.play(url)) return;
+  if (!(await player.play(url))) offerPlay();
+}
+
+function offerPlay() {
   const button = ui.log.lastElementChild?.querySelector(".play");
   if (button) {
     button.textContent = "Play reply";
@@ -380,21 +498,21 @@ function stopWaiting() {
   ui.waiting.hidden = true;
 }
 
-ui.cancel.addEventListener("click", () => page.abort?.abort());
+ui.cancel.addEventListener("click", () => page.turn?.abort.abort());
 
 // -- talking -------------------------------------------------------------------------------
 
 async function startRecording() {
-  if (page.busy || page.offline || recorder.recording || page.starting) return;
+  if ((page.busy && !interruptible()) || page.offline || recorder.recording || page.starting) return;
   const unavailable = recordingUnavailable();
   if (unavailable) {
     showError(unavailable);
     return;
   }
   // Inside the gesture, before anything is awaited: autoplay and the level meter need it.
-  player.unlock();
+  unlockPlayback();
   recorder.prepare();
-  player.stop();
+  interrupt();
   clearError();
   page.starting = true;
   page.stopRequested = false;
@@ -480,7 +598,7 @@ document.addEventListener("keyup", (event) => {
 });
 // Any first gesture makes replies playable, typing included.
 for (const type of ["pointerdown", "keydown"]) {
-  document.addEventListener(type, () => player.unlock(), { capture: true, once: true });
+  document.addEventListener(type, unlockPlayback, { capture: true, once: true });
 }
 
 ui.toggle.checked = localStorage.getItem(TOGGLE_KEY) === "on";
@@ -496,7 +614,7 @@ ui.form.addEventListener("submit", (event) => {
   event.preventDefault();
   const text = ui.message.value.trim();
   if (!text || ui.send.disabled) return;
-  player.stop();
+  interrupt();
   ui.message.value = "";
   const item = addMessage("user", text);
   takeTurn({ text }, item);
@@ -505,7 +623,7 @@ ui.form.addEventListener("submit", (event) => {
 // -- sessions ------------------------------------------------------------------------------
 
 ui.newConversation.addEventListener("click", () => {
-  player.stop();
+  stopPlayback();
   forgetSession();
   page.sessionId = null;
   clearConversation();
@@ -517,7 +635,7 @@ ui.deleteConversation.addEventListener("click", () => ui.confirmDelete.showModal
 ui.confirmDelete.addEventListener("close", async () => {
   if (ui.confirmDelete.returnValue !== "delete" || !page.sessionId) return;
   ui.confirmDelete.returnValue = "";
-  player.stop();
+  stopPlayback();
   page.busy = true;
   updateControls();
   try {

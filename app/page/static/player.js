@@ -110,3 +110,124 @@ export class Player {
 }
 
 export const canSpeak = () => Boolean(window.speechSynthesis && window.SpeechSynthesisUtterance);
+
+/**
+ * A streamed reply's audio: each chunk (a self-contained MP3) decoded on one AudioContext
+ * and scheduled right after the one before it (start = max(now, end of the previous)), in
+ * seq order whatever order the decoding finishes in. The context is made and resumed inside
+ * the person's first gesture (`unlock`); one that is still not running when a reply comes
+ * means the browser refused to play it (`refused`), and the caller offers "Play reply".
+ */
+export class ChunkPlayer {
+  constructor({ onPlaying, onStopped }) {
+    this.context = null;
+    this.turn = null;
+    this.onPlaying = onPlaying;
+    this.onStopped = onStopped;
+  }
+
+  unlock() {
+    if (!this.context) {
+      this.context = new (window.AudioContext ?? window.webkitAudioContext)();
+      // Chunks scheduled while it was still starting play now.
+      this.context.addEventListener("statechange", () => {
+        if (this.turn?.sources.size && !this.refused) this.started(this.turn);
+      });
+    }
+    this.context.resume().catch(() => {});
+  }
+
+  get refused() {
+    return this.context?.state !== "running";
+  }
+
+  /** A new streamed reply: what was playing stops. */
+  begin() {
+    this.stop();
+    if (!this.context) this.unlock();
+    this.turn = {
+      next: 0, // the seq to schedule next
+      decoding: 0, // chunks still being decoded
+      decoded: new Map(), // seq -> AudioBuffer (null: undecodable), waiting for the ones before
+      end: 0, // when the last scheduled chunk ends, on the context's clock
+      sources: new Set(), // scheduled or playing
+      started: false,
+      finished: false, // its `done` came: no more chunks
+    };
+  }
+
+  /** The `audio` event's chunk: base64 MP3 bytes, its place `seq`. */
+  add(seq, data) {
+    const turn = this.turn;
+    if (!turn) return;
+    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+    turn.decoding += 1;
+    const settled = (buffer) => {
+      if (this.turn !== turn) return; // stopped (barge-in) or replaced meanwhile
+      turn.decoding -= 1;
+      turn.decoded.set(seq, buffer);
+      this.schedule(turn);
+    };
+    // A chunk that cannot be decoded is skipped, not waited for: the ones after it still play.
+    this.context.decodeAudioData(bytes.buffer).then(settled, () => settled(null));
+  }
+
+  schedule(turn) {
+    while (turn.decoded.has(turn.next)) {
+      const buffer = turn.decoded.get(turn.next);
+      turn.decoded.delete(turn.next);
+      turn.next += 1;
+      if (!buffer) continue;
+      const source = this.context.createBufferSource();
+      source.buffer = buffer;
+      source.connect(this.context.destination);
+      const at = Math.max(this.context.currentTime, turn.end);
+      source.start(at);
+      turn.end = at + buffer.duration;
+      turn.sources.add(source);
+      source.addEventListener("ended", () => {
+        turn.sources.delete(source);
+        this.settle(turn);
+      });
+      if (!this.refused) this.started(turn);
+    }
+  }
+
+  started(turn) {
+    if (turn.started) return;
+    turn.started = true;
+    this.onPlaying();
+  }
+
+  /** No more chunks will come for this reply (its `done`). */
+  finish() {
+    if (!this.turn) return;
+    this.turn.finished = true;
+    this.settle(this.turn);
+  }
+
+  settle(turn) {
+    if (this.turn === turn && turn.finished && turn.sources.size === 0 && turn.decoding === 0) {
+      this.turn = null;
+      this.onStopped();
+    }
+  }
+
+  /** A streamed reply has started to play and is not over. */
+  get playing() {
+    return Boolean(this.turn?.started) && !this.refused;
+  }
+
+  /** Stops every chunk at once, scheduled or playing; later chunks of the reply are dropped. */
+  stop() {
+    const turn = this.turn;
+    this.turn = null;
+    if (!turn) return;
+    for (const source of turn.sources) {
+      source.stop();
+      source.disconnect();
+    }
+    turn.sources.clear();
+    this.onStopped();
+  }
+}
