@@ -9,20 +9,30 @@
    when it answers, PostgreSQL checkpoints (`APP_DATABASE_URL`, embedded Qdrant still) with
    the first of them; each on a free loopback port, all stopped at the end (also on Ctrl-C
    and SIGTERM);
-2. takes text turns, one client, one at a time, over keep-alive HTTP: `--sessions`
-   sessions per configuration of `--turns-per-session` turns each (at most 15, so no
-   conversation grows past the summary threshold: summarising is not measured), in
-   interleaved rounds (one session per configuration per round, the order alternating),
-   after `--warmup-sessions` untimed rounds. The turns alternate a message with a
-   lasting fact in it (the memory step stores it) and one without;
-3. right after each turn, replays its three provider calls straight to the simulators
-   with a minimal client (`http.client`, keep-alive): the reply's chat completion (the
-   app's prompt, rebuilt with `app.workflow.prompts`), the text-to-speech of the reply
-   and the JSON-mode memory extraction. Their round trips are the turn's provider time;
-   the turn's **app overhead** is its client-observed time minus that. The simulators'
-   own access-log `duration_ms` for the turn's calls gives a second, smaller provider
-   time (their time inside the ASGI app, without their HTTP server and the loopback),
-   hence an upper bound of the overhead;
+2. takes text turns, one client, over keep-alive HTTP: `--sessions` sessions per
+   configuration of `--turns-per-session` turns each (at most 15, so no conversation grows
+   past the summary threshold: summarising is only its check), in interleaved rounds (one
+   session per configuration per round, the order alternating), after `--warmup-sessions`
+   untimed rounds. A session's turns follow one another back to back, or `--pause-ms` apart
+   (a person listening to the reply; with several values each app has a column for each,
+   their sessions interleaved as well). The turns alternate a message with a lasting fact in
+   it (the memory step stores it) and one without;
+3. the app answers a turn once its reply is spoken; the memory extraction (a JSON-mode
+   chat completion, then the fact's embedding and upsert) and the summary check run after
+   the answer, holding the session, so a turn sent at once waits for its predecessor's:
+   that wait is in its client-observed time, and it shows as the difference between a run
+   back to back and one with a pause, and between a session's first turn and the others.
+   After each session, once the app has made the last turn's extraction call and gone idle
+   (no CPU for a moment), the bench replays each turn's provider calls straight to the
+   simulators with a minimal client (`http.client`, keep-alive): the reply's chat
+   completion (the app's prompt, rebuilt with `app.workflow.prompts`) and the
+   text-to-speech of the reply - the calls the answer waits for: their round trips are the
+   turn's provider time, and the turn's **app overhead** is its client-observed time minus
+   that - and the memory extraction, for the fact the next prompts hold; its round trip is
+   reported on its own, not subtracted. The simulators' own access-log `duration_ms` for
+   the turn's reply and speech gives a second, smaller provider time (their time inside
+   the ASGI app, without their HTTP server and the loopback), hence an upper bound of the
+   overhead;
 4. counts the memories in the app's store (every session's) before each turn: the
    embedded store searches them all, so the turn's cost grows with them; a least-squares
    slope per stored memory is reported. `--preload-memories N` puts N memories of other
@@ -31,15 +41,18 @@
 5. prints, per configuration, the median and p95 of the turn, the provider time, the
    overhead (ms and share of the turn), the app's CPU time per turn, its resident memory
    (`/proc/<pid>/status`: VmRSS when ready and after the run, VmHWM, the peak, after the
-   run: what the model costs), and a breakdown from the turns' `timings_ms`; then PASS/FAIL
-   against the project's own sanity bound (overhead p95 <= 100 ms). `--json PATH` also
-   writes every turn's numbers.
+   run: what the model costs; CPU and memory include the work after the answers), and a
+   breakdown from the turns' `timings_ms`, which cover the steps up to the answer; then
+   PASS/FAIL against the project's own sanity bound (overhead p95 <= 100 ms). `--json PATH`
+   also writes every turn's numbers.
 
 Exit status: 0, 1 when the bound is missed, 2 when the benchmark could not run, 130 when
 interrupted. The PostgreSQL rows of the run's sessions (by thread id) are deleted at the end.
 
 Run: `.venv/bin/python bench/app_bench.py [--sessions 60 --turns-per-session 10 --json PATH]`;
-`--embedders all-MiniLM-L6-v2,hashing` compares the embedders in one run.
+`--embedders all-MiniLM-L6-v2,hashing` compares the embedders in one run; `--pause-ms 0,300`
+compares turns back to back with turns 300 ms apart, where the work after each answer is off
+the next turn's path.
 Results are described in docs/benchmarks.md.
 """
 
@@ -82,7 +95,13 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 DEFAULTS = {name: spec.default for name, spec in AppSettings.model_fields.items()}
 # A conversation is summarised once more than this many messages are unsummarised: two a turn.
 MAX_TURNS_PER_SESSION = int(DEFAULTS["summarise_after_messages"]) // 2
-STEPS = ("transcribe", "recall", "reply", "speak", "remember", "summarise")
+# The steps up to the answer, which a turn's timings_ms covers; remember and summarise run after it.
+STEPS = ("transcribe", "recall", "reply", "speak")
+AFTER_THE_ANSWER = ("remember", "summarise")
+# The provider calls the answer waits for (their replays are the turn's provider time), by step.
+ANSWER_CALLS = ("reply", "speak")
+SETTLED_CPU_QUIET_S = 0.05  # no CPU tick for this long: the app's work after the last answer is done
+SETTLE_TIMEOUT_S = 5.0
 
 # One session's messages; even turns hold a lasting fact (the memory step stores it), odd
 # ones do not (a question, or nothing about the speaker). Repeated when a session is longer.
@@ -276,6 +295,7 @@ class AccessLog:
         return taken
 
     def leftover(self) -> int:
+        """The calls logged and not taken yet."""
         self._read()
         return len(self.entries)
 
@@ -306,21 +326,26 @@ class TurnRecord:
     session: int
     turn: int
     fact: bool  # the user's message held a fact for the memory step to store
+    follows_fact: bool | None  # the previous turn's message held one (embedded after its answer); None: the first turn
+    # The turn was sent before the Groq simulator had logged the previous turn's extraction
+    # call, made after that turn's answer: it waited for that work (None: the first turn).
+    sent_before_extraction: bool | None
     turn_ms: float  # client-observed
-    timings_ms: dict[str, float]  # the app's own, per step and `total`
-    replay_ms: dict[str, float]  # the same provider calls, made directly: round trips
+    timings_ms: dict[str, float]  # the app's own, per step up to the answer and `total`
+    replay_ms: dict[str, float]  # the same provider calls, made directly: round trips, by step
     sim_ms: dict[str, float]  # the simulators' access-log duration of the turn's own calls
     replay_sim_ms: dict[str, float]  # ... and of the replayed calls
     memories: int  # in the app's memory store (every session's) when the turn began
-    app_cpu_ms: float = 0.0  # the session's app CPU time, spread evenly over its turns
+    app_cpu_ms: float  # the session's app CPU time, its work after the answers included, per turn
 
     @property
     def provider_ms(self) -> float:
-        return sum(self.replay_ms.values())
+        """The calls the answer waits for; the extraction after it is not the turn's."""
+        return sum(self.replay_ms[step] for step in ANSWER_CALLS)
 
     @property
     def provider_sim_ms(self) -> float:
-        return sum(self.sim_ms.values())
+        return sum(self.sim_ms[step] for step in ANSWER_CALLS)
 
     @property
     def overhead_ms(self) -> float:
@@ -335,14 +360,19 @@ class TurnRecord:
         return sum(self.timings_ms.get(step, 0.0) for step in STEPS)
 
     @property
+    def replayed_sim_ms(self) -> float:
+        return sum(self.replay_sim_ms[step] for step in ANSWER_CALLS)
+
+    @property
     def wire_ms(self) -> float:
         """Round trip minus the simulators' own time: their HTTP servers, loopback, client."""
-        return self.provider_ms - sum(self.replay_sim_ms.values())
+        return self.provider_ms - self.replayed_sim_ms
 
 
 def replay(sims: Sims, state: SessionState, text: str, reply: str) -> tuple[dict[str, float], str | None]:
-    """The turn's three provider calls, as the app makes them; their round trips, and the fact
-    the memory extraction found (kept, as the app keeps it, for the next turns' prompts)."""
+    """The turn's three provider calls, as the app makes them: the two its answer waits for,
+    and the memory extraction it makes after the answer. Their round trips by step, and the
+    fact the extraction found (kept, as the app keeps it, for the next turns' prompts)."""
     limit = int(DEFAULTS["memory_recall_limit"])
     chat = {
         "model": DEFAULTS["chat_model"],
@@ -382,6 +412,32 @@ def durations(groq: list[dict[str, Any]], elevenlabs: list[dict[str, Any]]) -> d
     }
 
 
+@dataclass(frozen=True)
+class Answered:
+    """A turn as the app answered it; its calls are replayed after the session."""
+
+    text: str
+    seconds: float
+    result: dict[str, Any]
+    sent_before_extraction: bool | None
+
+
+def settle(pid: int) -> bool:
+    """Waits until the app has used no CPU for SETTLED_CPU_QUIET_S: the work after the last
+    answer is done (it is CPU, and LangGraph's between its store calls). False when it does
+    not within SETTLE_TIMEOUT_S."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    used, quiet_since = cpu_seconds(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.01)
+        now = cpu_seconds(pid)
+        if now != used:
+            used, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= SETTLED_CPU_QUIET_S:
+            return True
+    return False
+
+
 def run_session(
     config: str,
     app: Http,
@@ -389,18 +445,27 @@ def run_session(
     sims: Sims,
     session_number: int,
     turns: int,
+    pause_s: float,
     created_ids: list[str],
     memories: int,
-) -> list[TurnRecord]:
-    """One session's turns; `memories` is how many the app's store holds before it."""
+) -> tuple[list[TurnRecord], bool]:
+    """One session's turns, `pause_s` apart; `memories` is how many the app's store holds
+    before it. Also whether the app settled after it (`settle`)."""
     created = app.request("POST", "/api/v1/sessions", {})
     if created.status != 201:
         raise BenchError(f"{config}: creating a session answered {created.status}: {created.body[:200]!r}")
     state = SessionState(created.json()["session_id"])
     created_ids.append(state.session_id)  # known at once, for the clean-up even if interrupted
-    records: list[TurnRecord] = []
+    if sims.groq_log.leftover() or sims.elevenlabs_log.leftover():
+        raise BenchError(f"{config}: the simulators logged calls no turn accounts for before a session")
+    answered: list[Answered] = []
     cpu_before = cpu_seconds(app_pid)
     for number in range(turns):
+        if number and pause_s:
+            time.sleep(pause_s)
+        # Two Groq calls a turn, in order (the session runs one turn's work at a time): the
+        # reply, then, after the answer, the extraction.
+        early = None if number == 0 else sims.groq_log.leftover() < 2 * number
         text = SCRIPT[number % len(SCRIPT)]
         answer = app.request("POST", f"/api/v1/sessions/{state.session_id}/turns", {"text": text})
         if answer.status != 200:
@@ -409,17 +474,30 @@ def run_session(
         if result["degraded"] or not result["audio_url"] or not result["reply"]:
             raise BenchError(f"{config}: a degraded turn: {result}")
         missing = {*STEPS, "total"} - set(result["timings_ms"])
-        if missing:
-            # The subtraction takes all three provider calls as the turn's: an app that answers
-            # before a step (and makes its call afterwards) needs another accounting.
-            raise BenchError(f"{config}: the turn answered without the steps {sorted(missing)} in its timings_ms")
-        # The app's calls: reply then memory at Groq, speech at ElevenLabs (no summary).
-        sim_ms = durations(sims.groq_log.take(2), sims.elevenlabs_log.take(1))
+        late = set(AFTER_THE_ANSWER) & set(result["timings_ms"])
+        if missing or late:
+            # The provider time counts the reply's and the speech's calls only: an app that
+            # answers after remembering (before issue 15's item 2) needs another accounting.
+            raise BenchError(
+                f"{config}: the turn's timings_ms lack the steps {sorted(missing)} or have those that run after "
+                f"the answer, {sorted(late)}: not the app this bench measures"
+            )
+        answered.append(Answered(text, answer.seconds, result, early))
+    # The last turn's extraction is made after its answer; then its embedding and save.
+    groq_lines, speech_lines = sims.groq_log.take(2 * turns), sims.elevenlabs_log.take(turns)
+    settled = settle(app_pid)
+    # The app does nothing between a session's turns but their work after the answer: its CPU
+    # time over the session is the turns'. The replays below do not reach it.
+    per_turn = round((cpu_seconds(app_pid) - cpu_before) * 1000 / turns, 3)
+    records: list[TurnRecord] = []
+    for number, turn in enumerate(answered):
         at = time.strftime("%Y-%m-%dT%H:%M:%S")
-        state.messages.append({"role": "user", "text": text, "at": at, "turn_id": result["turn_id"]})
-        replay_ms, fact = replay(sims, state, text, result["reply"])
+        turn_id, reply = turn.result["turn_id"], turn.result["reply"]
+        state.messages.append({"role": "user", "text": turn.text, "at": at, "turn_id": turn_id})
+        known = len(state.facts)
+        replay_ms, fact = replay(sims, state, turn.text, reply)
         replay_sim_ms = durations(sims.groq_log.take(2), sims.elevenlabs_log.take(1))
-        state.messages.append({"role": "assistant", "text": result["reply"], "at": at, "turn_id": result["turn_id"]})
+        state.messages.append({"role": "assistant", "text": reply, "at": at, "turn_id": turn_id})
         if fact:
             state.facts.append(fact)
         records.append(
@@ -428,20 +506,18 @@ def run_session(
                 session=session_number,
                 turn=number,
                 fact=bool(fact),
-                turn_ms=round(answer.seconds * 1000, 3),
-                timings_ms={key: float(value) for key, value in result["timings_ms"].items()},
+                follows_fact=None if number == 0 else records[-1].fact,
+                sent_before_extraction=turn.sent_before_extraction,
+                turn_ms=round(turn.seconds * 1000, 3),
+                timings_ms={key: float(value) for key, value in turn.result["timings_ms"].items()},
                 replay_ms=replay_ms,
-                sim_ms=sim_ms,
+                sim_ms=durations(groq_lines[2 * number : 2 * number + 2], speech_lines[number : number + 1]),
                 replay_sim_ms=replay_sim_ms,
-                memories=memories + len(state.facts) - bool(fact),
+                memories=memories + known,
+                app_cpu_ms=per_turn,
             )
         )
-    # The app does nothing between turns (the replays do not reach it): its CPU time over the
-    # session is the turns'.
-    per_turn = (cpu_seconds(app_pid) - cpu_before) * 1000 / turns
-    for record in records:
-        record.app_cpu_ms = round(per_turn, 3)
-    return records
+    return records, settled
 
 
 def preload_memories(data_dir: Path, count: int, embedder: str) -> int:
@@ -484,13 +560,12 @@ def spread(values: Iterable[float], digits: int = 2) -> dict[str, float]:
 
 # (label, what it takes from a turn) for the breakdown, in the order a turn spends it.
 BREAKDOWN: tuple[tuple[str, Callable[[TurnRecord], float]], ...] = (
-    ("outside the graph run: HTTP, API, session reads", lambda r: r.turn_ms - r.timings_ms["total"]),
+    # With the turns back to back, this holds the wait for the previous turn's work after its answer.
+    ("outside the graph run: HTTP, API, session reads, wait", lambda r: r.turn_ms - r.timings_ms["total"]),
     ("transcribe (text turn: adds the message)", lambda r: r.timings_ms["transcribe"]),
     ("recall (embed, Qdrant search)", lambda r: r.timings_ms["recall"]),
     ("reply, the app's part", lambda r: r.timings_ms["reply"] - r.replay_ms["reply"]),
     ("speak, the app's part (incl. audio file)", lambda r: r.timings_ms["speak"] - r.replay_ms["speak"]),
-    ("remember, the app's part (embed, Qdrant)", lambda r: r.timings_ms["remember"] - r.replay_ms["remember"]),
-    ("summarise (below the threshold: a check)", lambda r: r.timings_ms["summarise"]),
     ("graph run outside the steps: LangGraph, save, prune", lambda r: r.timings_ms["total"] - r.steps_ms),
 )
 
@@ -508,11 +583,24 @@ def slope_us(points: list[tuple[int, float]]) -> float | None:
     return round(fit.slope * 1000, 2)
 
 
-def summarise(config: Config, records: list[TurnRecord], app_memory_kib: dict[str, int]) -> dict[str, Any]:
-    with_fact = [r for r in records if r.fact]
-    without_fact = [r for r in records if not r.fact]
+def column_name(config: Config, pause_ms: int, pauses: list[int]) -> str:
+    """The app's name, and the pause when the run has several."""
+    return config.name if len(pauses) == 1 else f"{config.name} {pause_ms} ms"
+
+
+def summarise(
+    config: Config, name: str, pause_ms: int, records: list[TurnRecord], app_memory_kib: dict[str, int]
+) -> dict[str, Any]:
+    followers = [r for r in records if r.sent_before_extraction is not None]
+    by_previous = {
+        "a session's first turn": [r for r in records if r.follows_fact is None],
+        "after a turn with a fact": [r for r in records if r.follows_fact],
+        "after a turn without": [r for r in records if r.follows_fact is False],
+    }
     return {
-        "config": config.name,
+        "config": name,
+        "app": config.name,
+        "pause_ms": pause_ms,
         "conversation_store": f"{config.conversations} checkpoints",
         "memory_store": "embedded Qdrant",
         "embedder": config.embedder,
@@ -522,7 +610,9 @@ def summarise(config: Config, records: list[TurnRecord], app_memory_kib: dict[st
         "turn_ms": spread(r.turn_ms for r in records),
         "provider_ms": spread(r.provider_ms for r in records),
         "provider_sim_ms": spread(r.provider_sim_ms for r in records),
-        "replayed_sim_ms": spread(sum(r.replay_sim_ms.values()) for r in records),
+        "replayed_sim_ms": spread(r.replayed_sim_ms for r in records),
+        "after_answer_provider_ms": spread(r.replay_ms["remember"] for r in records),
+        "after_answer_sim_ms": spread(r.sim_ms["remember"] for r in records),
         "wire_ms": spread(r.wire_ms for r in records),
         "overhead_ms": spread(r.overhead_ms for r in records),
         "overhead_share": spread((r.overhead_ms / r.turn_ms for r in records), 4),
@@ -531,16 +621,16 @@ def summarise(config: Config, records: list[TurnRecord], app_memory_kib: dict[st
         "app_cpu_ms_per_turn": round(statistics.fmean(r.app_cpu_ms for r in records), 2),
         "steps_ms": {step: spread(r.timings_ms[step] for r in records) for step in STEPS},
         "breakdown_ms": {label: spread(map(take, records)) for label, take in BREAKDOWN},
-        "remember_ms": {
-            "with a fact to store": spread(r.timings_ms["remember"] - r.replay_ms["remember"] for r in with_fact),
-            "without": spread(r.timings_ms["remember"] - r.replay_ms["remember"] for r in without_fact),
+        "overhead_ms_by_previous_turn": {
+            label: spread(r.overhead_ms for r in chosen) for label, chosen in by_previous.items() if chosen
+        },
+        "sent_before_extraction": {
+            "turns": sum(bool(r.sent_before_extraction) for r in followers),
+            "of": len(followers),
         },
         "memories_in_store": {"min": min(r.memories for r in records), "max": max(r.memories for r in records)},
         "us_per_stored_memory": {
             "recall": slope_us([(r.memories, r.timings_ms["recall"]) for r in records]),
-            "remember, with a fact": slope_us(
-                [(r.memories, r.timings_ms["remember"] - r.replay_ms["remember"]) for r in with_fact]
-            ),
             "overhead": slope_us([(r.memories, r.overhead_ms) for r in records]),
         },
         "overhead_ms_by_turn_number": {
@@ -584,11 +674,14 @@ def _ms(value: float) -> str:
 def format_report(summaries: list[dict[str, Any]], args: argparse.Namespace, bound_ms: float) -> str:
     width = 54
     names = [s["config"] for s in summaries]
+    column = max(22, *(len(name) + 2 for name in names))
     out = [
         f"app overhead per text turn: {args.sessions} sessions x {args.turns_per_session} turns per configuration, "
-        f"interleaved, {args.warmup_sessions} untimed round(s) first; simulators at SIM_LATENCY_MS={args.latency_ms}",
+        f"interleaved, {args.warmup_sessions} untimed round(s) first; simulators at SIM_LATENCY_MS={args.latency_ms}; "
+        + "pause between a session's turns: "
+        + ", ".join(f"{pause} ms" if pause else "none (back to back)" for pause in args.pause_ms),
         "",
-        f"{'ms per turn (median / p95)':<{width}}" + "".join(f"{name:>22}" for name in names),
+        f"{'ms per turn (median / p95)':<{width}}" + "".join(f"{name:>{column}}" for name in names),
     ]
 
     def row(label: str, *keys: str) -> None:
@@ -599,20 +692,27 @@ def format_report(summaries: list[dict[str, Any]], args: argparse.Namespace, bou
             for key in keys:
                 values = values[key]
             cells.append(f"{_ms(values['median'])} / {_ms(values['p95'])}")
-        out.append(f"{label:<{width}}" + "".join(f"{cell:>22}" for cell in cells))
+        out.append(f"{label:<{width}}" + "".join(f"{cell:>{column}}" for cell in cells))
 
     row("turn, client-observed", "turn_ms")
-    row("provider time: the same calls, replayed", "provider_ms")
+    row("provider time: reply + speech, replayed", "provider_ms")
     row("provider time: the simulators' own (access log)", "provider_sim_ms")
     row("  the same for the replayed calls (should match)", "replayed_sim_ms")
+    row("after the answer: the extraction, replayed", "after_answer_provider_ms")
+    row("  the simulator's own for the app's call", "after_answer_sim_ms")
     row("APP OVERHEAD (turn - replayed provider time)", "overhead_ms")
     shares = (
         f"{s['overhead_share']['median'] * 100:.1f} % / {s['overhead_share']['p95'] * 100:.1f} %" for s in summaries
     )
-    out.append(f"{'  share of the turn':<{width}}" + "".join(f"{cell:>22}" for cell in shares))
+    out.append(f"{'  share of the turn':<{width}}" + "".join(f"{cell:>{column}}" for cell in shares))
     row("  upper bound (turn - the simulators' own time)", "overhead_sim_ms")
     out.append(
-        f"{'app CPU time per turn (mean)':<{width}}" + "".join(f"{s['app_cpu_ms_per_turn']:>22.1f}" for s in summaries)
+        f"{'app CPU time per turn, after-answer work incl. (mean)':<{width}}"
+        + "".join(f"{s['app_cpu_ms_per_turn']:>{column}.1f}" for s in summaries)
+    )
+    early = (f"{s['sent_before_extraction']['turns']} of {s['sent_before_extraction']['of']}" for s in summaries)
+    out.append(
+        f"{'turns sent before the previous extraction was logged':<{width}}" + "".join(f"{c:>{column}}" for c in early)
     )
     row("graph run (timings_ms.total)", "graph_total_ms")
     for label, key in (
@@ -621,15 +721,17 @@ def format_report(summaries: list[dict[str, Any]], args: argparse.Namespace, bou
         ("app peak RSS (VmHWM) after the run, MiB", "hwm_end"),
     ):
         cells = (f"{s['app_memory_kib'][key] / 1024:.1f}" for s in summaries)
-        out.append(f"{label:<{width}}" + "".join(f"{cell:>22}" for cell in cells))
+        out.append(f"{label:<{width}}" + "".join(f"{cell:>{column}}" for cell in cells))
     out.append("")
     out.append("where the overhead goes (median / p95 of each part on its own; they do not add up exactly):")
     for label, _ in BREAKDOWN:
         row(f"  {label}", "breakdown_ms", label)
-    row("  remember, the app's part, turns with a fact", "remember_ms", "with a fact to store")
-    row("  remember, the app's part, turns without", "remember_ms", "without")
     out.append("")
-    out.append("the steps as timings_ms reports them (provider calls included):")
+    out.append("the overhead by the turn before it (with a fact, the work after its answer embedded one):")
+    for label in summaries[0]["overhead_ms_by_previous_turn"]:
+        row(f"  {label}", "overhead_ms_by_previous_turn", label)
+    out.append("")
+    out.append("the steps up to the answer as timings_ms reports them (provider calls included):")
     for step in STEPS:
         row(f"  {step}", "steps_ms", step)
     out.append("")
@@ -716,6 +818,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"APP_MEMORY_EMBEDDER values, comma-separated: an SQLite configuration for each, PostgreSQL with the "
         f"first ({EMBEDDERS[0]}; of {', '.join(EMBEDDERS)})",
     )
+    parser.add_argument(
+        "--pause-ms",
+        type=lambda value: [int(pause) for pause in value.split(",")],
+        default=[0],
+        help="think time between a session's turns, ms; comma-separated, a column of each app for each, sessions "
+        "interleaved (0: back to back, each turn waiting for the work after the previous answer)",
+    )
     parser.add_argument("--latency-ms", type=int, default=0, help="SIM_LATENCY_MS of the simulators (0)")
     parser.add_argument(
         "--database-url",
@@ -727,13 +836,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results, every turn, as JSON")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (data dirs, server logs)")
     args = parser.parse_args(argv)
-    if args.sessions < 1 or min(args.warmup_sessions, args.latency_ms, args.preload_memories) < 0:
-        parser.error("--sessions must be >= 1; --warmup-sessions, --latency-ms and --preload-memories >= 0")
+    if args.sessions < 1 or min(args.warmup_sessions, args.latency_ms, args.preload_memories, *args.pause_ms) < 0:
+        parser.error("--sessions must be >= 1; --warmup-sessions, --latency-ms, --preload-memories, --pause-ms >= 0")
     if not 1 <= args.turns_per_session <= MAX_TURNS_PER_SESSION:
         parser.error(f"--turns-per-session must be 1-{MAX_TURNS_PER_SESSION}: longer sessions are summarised")
     unknown = [name for name in args.embedders if name not in EMBEDDERS]
     if unknown or len(set(args.embedders)) != len(args.embedders):
         parser.error(f"--embedders takes distinct names of {', '.join(EMBEDDERS)}")
+    if len(set(args.pause_ms)) != len(args.pause_ms):
+        parser.error("--pause-ms takes distinct values")
     if not re.match(r"^postgres(ql)?://", args.database_url):
         parser.error("--database-url must be a postgresql:// URL")
     return args
@@ -776,30 +887,40 @@ def measure(
 
     sims = Sims(Http(groq.port), Http(elevenlabs.port), AccessLog(groq.log_path), AccessLog(elevenlabs.log_path))
     clients = {config: Http(service.port) for config, service in apps.items()}
-    records: dict[Config, list[TurnRecord]] = {config: [] for config in apps}
+    # A column of the report: an app, and the client's pause between a session's turns.
+    columns = [(config, pause) for config in configs for pause in args.pause_ms]
+    records: dict[tuple[Config, int], list[TurnRecord]] = {column: [] for column in columns}
     load_before = os.getloadavg()
+    unsettled = 0
     began = time.monotonic()
     for round_number in range(args.warmup_sessions + args.sessions):
         timed = round_number >= args.warmup_sessions
-        for config in configs if round_number % 2 == 0 else reversed(configs):
+        for config, pause in columns if round_number % 2 == 0 else reversed(columns):
             created_ids = pg_threads if config.conversations == POSTGRES else []
-            taken = run_session(
-                config.name,
+            taken, settled = run_session(
+                column_name(config, pause, args.pause_ms),
                 clients[config],
                 apps[config].pid,
                 sims,
                 round_number,
                 args.turns_per_session,
+                pause / 1000,
                 created_ids,
                 memories[config],
             )
+            unsettled += not settled
             memories[config] += sum(record.fact for record in taken)
             if timed:
-                records[config].extend(taken)
+                records[config, pause].extend(taken)
         if round_number + 1 == args.warmup_sessions:
             log(f"warm-up done ({args.warmup_sessions} round(s)); measuring")
     elapsed = time.monotonic() - began
     load_after = os.getloadavg()
+    if unsettled:
+        notes.append(
+            f"{unsettled} session(s) ended with the app still using CPU after {SETTLE_TIMEOUT_S:g} s: their CPU "
+            "per turn lacks part of the work after the last answer, and their replays ran beside it"
+        )
     for name, access_log in (("Groq", sims.groq_log), ("ElevenLabs", sims.elevenlabs_log)):
         if access_log.leftover():
             notes.append(f"the {name} simulator logged calls no turn accounts for: the attribution may be off")
@@ -812,7 +933,10 @@ def measure(
     for client in (sims.groq, sims.elevenlabs, *clients.values()):
         client.close()
 
-    summaries = [summarise(config, records[config], app_memory[config]) for config in apps]
+    summaries = [
+        summarise(config, column_name(config, pause, args.pause_ms), pause, records[config, pause], app_memory[config])
+        for config, pause in columns
+    ]
     return {
         "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "bound_ms": args.bound_ms,
@@ -822,7 +946,7 @@ def measure(
         "measured_seconds": round(elapsed, 1),
         "notes": notes,
         "summaries": summaries,
-        "turns": [asdict(record) for config in apps for record in records[config]],
+        "turns": [asdict(record) for column in columns for record in records[column]],
     }
 
 
