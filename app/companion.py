@@ -203,16 +203,14 @@ class Companion:
                 logger.warning("turn timed out waiting for the session's turn under way")
                 raise TurnTimedOut from None
             try:
-                result, answered = await self._run_turn(session_id, deadline, text, audio, audio_format, events)
+                result = await self._run_turn(session_id, deadline, text, audio, audio_format, events)
             except BaseException:
                 await held.aclose()
                 raise
-            if answered:  # the session stays held until the work after the answer is done
-                task = asyncio.create_task(self._after_the_answer(session_id, held))
-                self._after_turns.add(task)
-                task.add_done_callback(self._after_turns.discard)
-            else:
-                await held.aclose()
+            # The session stays held until the work after the answer is done.
+            task = asyncio.create_task(self._after_the_answer(session_id, result, held))
+            self._after_turns.add(task)
+            task.add_done_callback(self._after_turns.discard)
             outcome = "ok"
             return result
         except Exception as failed:
@@ -230,8 +228,8 @@ class Companion:
         audio: bytes | None,
         audio_format: AudioFormat | None,
         events: TurnEvents | None,
-    ) -> tuple[TurnResult, bool]:
-        """The turn's result, and whether its run stopped after the answer with work left."""
+    ) -> TurnResult:
+        """The answered turn; its run stopped after the answer, with the work after it left."""
         turn: Turn = {"turn_id": uuid.uuid4().hex, "degraded": [], "timings_ms": {}}
         if text is not None:
             turn["text"] = text
@@ -277,7 +275,7 @@ class Companion:
         result["timings_ms"]["total"] = round((time.perf_counter() - started) * 1000, 1)
         if result.get("reply_unavailable"):
             raise ReplyUnavailable(result.get("retry_after", 5.0))
-        answered = TurnResult(
+        return TurnResult(
             turn_id=result["turn_id"],
             transcript=result.get("transcript", ""),
             reply=result.get("reply", ""),
@@ -285,7 +283,6 @@ class Companion:
             degraded=list(result["degraded"]),
             timings_ms=result["timings_ms"],
         )
-        return answered, True
 
     async def stream_turn(
         self,
@@ -315,7 +312,7 @@ class Companion:
             yield event
         yield "done", await turn
 
-    async def _after_the_answer(self, session_id: str, held: AsyncExitStack) -> None:
+    async def _after_the_answer(self, session_id: str, answered: TurnResult, held: AsyncExitStack) -> None:
         """Resumes the turn's run after its answer - remember, summarise - and then lets the
         session go. Each step skips what fails; a run that cannot finish in its time keeps
         what it did (LangGraph saves it) and the next turn starts afresh."""
@@ -323,7 +320,6 @@ class Companion:
             settings = self.settings
             budget = settings.remember_budget_s + settings.summarise_budget_s
             deadline = asyncio.get_running_loop().time() + budget
-            answered: Turn = (await self.graph.aget_state(_config(session_id))).values["turn"]
             try:
                 async with asyncio.timeout_at(deadline):
                     final: dict[str, Any] = await self.graph.ainvoke(
@@ -342,9 +338,9 @@ class Companion:
                 with contextlib.suppress(Exception):  # the next turn prunes what this cannot
                     await self.checkpoints.keep_latest(session_id)
             turn: Turn = final["turn"]
-            for stage in set(turn["timings_ms"]) - set(answered["timings_ms"]):
+            for stage in set(turn["timings_ms"]) - set(answered.timings_ms):
                 self.metrics.stage_duration.labels(stage).observe(turn["timings_ms"][stage] / 1000)
-            for degradation in set(turn["degraded"]) - set(answered["degraded"]):
+            for degradation in set(turn["degraded"]) - set(answered.degraded):
                 self.metrics.degradations.labels(degradation).inc()
             if turn.get("remembered"):
                 self.metrics.memories_written.inc()

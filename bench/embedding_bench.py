@@ -99,7 +99,6 @@ class OnnxEmbedder:
     def __init__(self, model: Path, model_dir: Path, threads: int) -> None:
         # onnxruntime exists only in the bench's own venv, not in the project's (nor its stubs).
         onnxruntime: Any = importlib.import_module("onnxruntime")
-        self.np: Any = importlib.import_module("numpy")
         from app.memory.wordpiece import WordPiece
 
         max_length = json.loads((model_dir / "sentence_bert_config.json").read_text())["max_seq_length"]
@@ -110,14 +109,7 @@ class OnnxEmbedder:
         self.session = onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
     def embed_many(self, texts: Sequence[str]) -> list[list[float]]:
-        np = self.np
-        ids = [self.tokenizer.encode(text) for text in texts]
-        length = max(len(row) for row in ids)
-        tokens = np.full((len(ids), length), self.tokenizer.padding, dtype=np.int64)
-        mask = np.zeros((len(ids), length), dtype=np.float32)
-        for row, row_ids in enumerate(ids):
-            tokens[row, : len(row_ids)] = row_ids
-            mask[row, : len(row_ids)] = 1.0
+        tokens, mask = self.tokenizer.batch(texts)
         (vectors,) = self.session.run(None, {"input_ids": tokens, "attention_mask": mask})
         return [[float(value) for value in row] for row in vectors]
 

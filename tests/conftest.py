@@ -75,6 +75,15 @@ def sims() -> Iterator[Simulators]:
     running.stop()
 
 
+@pytest.fixture
+def fresh_sims(sims: Simulators) -> Iterator[None]:
+    """The simulators as started - healthy, counts at zero, no latency - for the test, and
+    left so for the next (`pytest.mark.usefixtures("fresh_sims")` on a module)."""
+    sims.reset()
+    yield
+    sims.reset()
+
+
 @pytest.fixture(scope="module")
 def sim_server() -> Iterator[ServerThread]:
     """One simulator (`sim.app`) on a loopback thread, per test module."""

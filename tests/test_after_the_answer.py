@@ -26,12 +26,7 @@ from tests.app_support import (
 SLOW_EXTRACTION_MS = 1500
 FACT = "My dog is called Max"
 
-
-@pytest.fixture(autouse=True)
-def fresh_sims(sims: Simulators) -> Iterator[None]:
-    sims.reset()
-    yield
-    sims.reset()
+pytestmark = pytest.mark.usefixtures("fresh_sims")
 
 
 @pytest.fixture(scope="module")

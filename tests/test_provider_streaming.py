@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -114,6 +114,20 @@ async def collect(stream: AsyncIterator[T]) -> tuple[list[T], ProviderError | No
 
 def chat(p: Providers, messages: list[ChatMessage] = STATEMENT, deadline: float = 5.0) -> AsyncIterator[str]:
     return p.groq.chat_stream(MODEL, messages, deadline=deadline)
+
+
+async def timed_chat(
+    make: Callable[[], Providers], deadline: float
+) -> tuple[list[str], ProviderError | None, float, float]:
+    """A streamed chat on providers `make` builds: its deltas, its error, how long it took
+    and the breaker's failure rate after it."""
+    p = make()
+    started = time.monotonic()
+    deltas, error = await collect(chat(p, deadline=deadline))
+    elapsed = time.monotonic() - started
+    rate = p.breaker("groq").failure_rate
+    await p.out.aclose()
+    return deltas, error, elapsed, rate
 
 
 def speech(p: Providers, text: str = SPOKEN, deadline: float = 5.0) -> AsyncIterator[bytes]:
@@ -381,16 +395,11 @@ def test_the_breaker_opens_after_failed_streams_each_counted_once(sim_server: Se
 
 
 def test_a_stalled_stream_times_out_as_a_breaker_failure(misbehaving: tuple[ServerThread, Misbehaving]) -> None:
-    async def scenario() -> tuple[list[str], ProviderError | None, float, float]:
-        p = on_misbehaving(misbehaving[0], "stall", groq_policy=policy(attempt_timeout=0.5))
-        started = time.monotonic()
-        deltas, error = await collect(chat(p, deadline=5.0))
-        elapsed = time.monotonic() - started
-        rate = p.breaker("groq").failure_rate
-        await p.out.aclose()
-        return deltas, error, elapsed, rate
-
-    deltas, error, elapsed, rate = asyncio.run(scenario())
+    deltas, error, elapsed, rate = asyncio.run(
+        timed_chat(
+            lambda: on_misbehaving(misbehaving[0], "stall", groq_policy=policy(attempt_timeout=0.5)), deadline=5.0
+        )
+    )
     assert deltas == ["Hello"]
     assert isinstance(error, ProviderUnavailable)
     assert error.reason == "timed out"
@@ -447,16 +456,7 @@ def test_a_consumer_that_stops_early_frees_the_call_without_a_failure(slow_sim: 
 
 
 def test_the_deadline_ends_a_slow_stream(slow_sim: ServerThread) -> None:
-    async def scenario() -> tuple[list[str], ProviderError | None, float, float]:
-        p = on_sim(slow_sim)
-        started = time.monotonic()
-        deltas, error = await collect(chat(p, deadline=1.0))
-        elapsed = time.monotonic() - started
-        rate = p.breaker("groq").failure_rate
-        await p.out.aclose()
-        return deltas, error, elapsed, rate
-
-    deltas, error, elapsed, rate = asyncio.run(scenario())
+    deltas, error, elapsed, rate = asyncio.run(timed_chat(lambda: on_sim(slow_sim), deadline=1.0))
     assert 3 < len(deltas) < 32  # a tenth of a second each, for a second
     assert isinstance(error, ProviderUnavailable)
     assert error.reason == "timed out"
@@ -469,16 +469,11 @@ def test_the_deadline_ends_a_stall_before_the_read_timeout_and_counts_no_failure
 ) -> None:
     # The silence starts half a second in: the transport's read timeout (what was left of
     # the deadline when the attempt started, 1 s) would end it at 1.5 s, as a failure.
-    async def scenario() -> tuple[list[str], ProviderError | None, float, float]:
-        p = on_misbehaving(misbehaving[0], "late-stall", groq_policy=policy(attempt_timeout=2.0))
-        started = time.monotonic()
-        deltas, error = await collect(chat(p, deadline=1.0))
-        elapsed = time.monotonic() - started
-        rate = p.breaker("groq").failure_rate
-        await p.out.aclose()
-        return deltas, error, elapsed, rate
-
-    deltas, error, elapsed, rate = asyncio.run(scenario())
+    deltas, error, elapsed, rate = asyncio.run(
+        timed_chat(
+            lambda: on_misbehaving(misbehaving[0], "late-stall", groq_policy=policy(attempt_timeout=2.0)), deadline=1.0
+        )
+    )
     assert deltas == ["Hello"]
     assert isinstance(error, ProviderUnavailable)
     assert error.reason == "timed out"

@@ -50,6 +50,8 @@ from tests.telemetry_support import LineCapture
 CHAT_LATENCY_MS = 1500
 CHAT_PATH = "/openai/v1/chat/completions"
 
+pytestmark = pytest.mark.usefixtures("fresh_sims")
+
 
 def texts(messages: list[MessageBody]) -> list[tuple[str, str]]:
     return [(message["role"], message["text"]) for message in messages]
@@ -125,14 +127,6 @@ def audio_id_of(turn: TurnBody) -> str:
 
 
 # -- fixtures ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def fresh_sims(sims: Simulators) -> Iterator[None]:
-    """Counts at zero and no latency at the start of each test."""
-    sims.reset()
-    yield
-    sims.reset()
 
 
 @pytest.fixture(scope="module")

@@ -46,12 +46,7 @@ Store = Literal["sqlite", "postgresql"]
 
 RETENTION_S = 1.5  # APP_SESSION_RETENTION_DAYS, in seconds
 
-
-@pytest.fixture(autouse=True)
-def fresh_sims(sims: Simulators) -> Iterator[None]:
-    sims.reset()
-    yield
-    sims.reset()
+pytestmark = pytest.mark.usefixtures("fresh_sims")
 
 
 @pytest.fixture

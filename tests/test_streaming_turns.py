@@ -31,6 +31,8 @@ from tests.sim_support import parse_mp3_frames, start_sim, wav_file
 FACT = "I love hiking and my sister lives in Paris"  # answered in two sentences
 EVENT_STREAM = {"accept": "text/event-stream"}
 
+pytestmark = pytest.mark.usefixtures("fresh_sims")
+
 
 @dataclass
 class Event:
@@ -69,13 +71,6 @@ def audio_of(events: list[Event]) -> list[bytes]:
     chunks = named(events, "audio")
     assert [chunk.data["seq"] for chunk in chunks] == list(range(len(chunks)))
     return [base64.b64decode(chunk.data["data"]) for chunk in chunks]
-
-
-@pytest.fixture(autouse=True)
-def fresh_sims(sims: Simulators) -> Iterator[None]:
-    sims.reset()
-    yield
-    sims.reset()
 
 
 @pytest.fixture(scope="module")

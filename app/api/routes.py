@@ -218,11 +218,8 @@ async def take_turn(session_id: str, request: Request, response: Response) -> mo
             media_type="text/event-stream",
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
-    try:
-        with _turn_refusals():
-            result = await companion.take_turn(session_id, **turn_input)
-    except SessionNotFound:
-        raise _not_found() from None
+    with _turn_refusals():
+        result = await companion.take_turn(session_id, **turn_input)
     # The stages where browsers' developer tools and the edge's access log show them.
     response.headers["server-timing"] = ", ".join(f"{stage};dur={ms:g}" for stage, ms in result.timings_ms.items())
     return _turn_document(result)
@@ -250,6 +247,8 @@ def _turn_refusals() -> Iterator[None]:
     try:
         with _storage_full_answered("a turn", NO_ROOM_FOR_TURN):
             yield
+    except SessionNotFound:  # also one deleted while the turn waited for it
+        raise _not_found() from None
     except TranscriptionUnavailable:
         raise ApiError(
             503,
@@ -282,9 +281,6 @@ async def _turn_events(events: AsyncIterator[tuple[str, dict[str, Any] | TurnRes
                 yield _event(name, orjson.dumps(data))
     except ApiError as refused:
         yield _event("error", envelope(refused.code, refused.message, request_id_var.get(), refused.details))
-    except SessionNotFound:  # deleted while the turn waited for it
-        gone = _not_found()
-        yield _event("error", envelope(gone.code, gone.message, request_id_var.get()))
     except Exception:
         logger.exception("streaming turn failed")
         yield _event("error", envelope("internal_error", INTERNAL_ERROR, request_id_var.get()))

@@ -67,13 +67,7 @@ class MiniLM:
     def embed_many(self, texts: Sequence[str]) -> list[list[float]]:
         if not texts:
             return []
-        ids = [self.tokenizer.encode(text) for text in texts]
-        length = max(len(row) for row in ids)
-        tokens = np.full((len(ids), length), self.tokenizer.padding, dtype=np.int64)
-        mask = np.zeros((len(ids), length), dtype=np.float32)
-        for row, row_ids in enumerate(ids):
-            tokens[row, : len(row_ids)] = row_ids
-            mask[row, : len(row_ids)] = 1.0
+        tokens, mask = self.tokenizer.batch(texts)
         hidden = self._encode(tokens, mask)
         pooled = (hidden * mask[:, :, None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
         pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
 
 MAX_WORD_CHARACTERS = 100  # longer words are `[UNK]` (BERT's rule)
 SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -42,6 +46,17 @@ class WordPiece:
             for word in _basic_tokens(part):
                 pieces.extend(self._word_pieces(word))
         return [self.cls, *pieces[: self.max_length - 2], self.sep]
+
+    def batch(self, texts: Sequence[str]) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """The texts' ids padded to the longest, and the mask of the real ones (1.0)."""
+        ids = [self.encode(text) for text in texts]
+        length = max(len(row) for row in ids)
+        tokens = np.full((len(ids), length), self.padding, dtype=np.int64)
+        mask = np.zeros((len(ids), length), dtype=np.float32)
+        for row, row_ids in enumerate(ids):
+            tokens[row, : len(row_ids)] = row_ids
+            mask[row, : len(row_ids)] = 1.0
+        return tokens, mask
 
     def _word_pieces(self, word: str) -> list[int]:
         if len(word) > MAX_WORD_CHARACTERS:
